@@ -1,0 +1,58 @@
+# Each target sets itself up: `make reproduce` and `make test` work on a fresh clone.
+# The virtual environment is (re)built when it is missing or older than pyproject.toml.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup reproduce test unit notebooks models bench chromium clean-cache lab
+
+setup: $(STAMP) chromium
+
+# torch first and on its own: pinned to the CPU build that pip finds on local disk here;
+# asking for it inside the full resolve could pull a multi-GB CUDA build instead.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+# Static figure export (kaleido) needs a Chromium. Installed with apt when we are root and it is
+# missing; otherwise a warning (figures are then written as .html only).
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	    || command -v google-chrome >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for static figure export (apt-get)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "WARNING: could not install chromium; PNG figures will be skipped"; \
+	else echo "WARNING: no Chromium found; PNG figures will be skipped (apt-get install chromium)"; fi
+
+# Every notebook, headless, on the toy default: writes figures/ and data/results/.
+reproduce: setup
+	$(PY) -m lib.run
+
+# Unit tests plus nbval over every notebook (outputs of `# NBVAL_CHECK_OUTPUT` cells compared).
+# Notebooks write their figures and results into a scratch folder, so the checkout stays clean.
+test: setup
+	@scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	COMPENDIUM_ROOT=$$scratch COMPENDIUM_QUIET=1 HF_HUB_OFFLINE=1 \
+	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+unit: setup
+	$(PY) -m pytest tests -p no:cacheprovider
+
+# Retrain the toy-world models (CPU: about an hour for all four; see data/models/*/provenance.json).
+models: setup
+	$(PY) -m lib.world.build
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-cache:
+	rm -rf data/cache

@@ -1,0 +1,83 @@
+"""Figure helpers: every figure a notebook makes goes through ``save_figure`` or ``show``.
+
+``save_figure(fig, "00_training_curves")`` writes ``figures/00_training_curves.html`` (interactive,
+plotly.js loaded from a CDN so the file stays small) and ``figures/00_training_curves.png``
+(static, through kaleido, which needs a Chromium: Debian's ``chromium`` package works).
+``show(fig, name)`` saves the figure and displays the PNG inline, so an executed notebook embeds
+a small image rather than megabytes of plotly JSON and stays readable on GitHub.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from lib import paths
+
+PNG_SCALE = 2  # crisp on high-DPI screens; a 700x450 figure is ~100 kB
+TEMPLATE = "plotly_white"
+pio.templates.default = TEMPLATE
+
+_CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def _ensure_browser_path() -> None:
+    """Point kaleido at a system Chromium when it has not been told where one is."""
+    if os.environ.get("BROWSER_PATH"):
+        return
+    for name in _CHROMIUM_CANDIDATES:
+        found = shutil.which(name)
+        if found:
+            os.environ["BROWSER_PATH"] = found
+            return
+
+
+def save_figure(fig: go.Figure, name: str, width: int = 800, height: int = 500) -> dict[str, Path]:
+    """Write ``figures/{name}.html`` and ``figures/{name}.png``; return the paths written.
+
+    If no Chromium is available the PNG is skipped with a warning that says how to get one
+    (``apt-get install -y chromium``); the HTML is always written.
+    """
+    out = paths.figures_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    html = out / f"{name}.html"
+    fig.write_html(html, include_plotlyjs="cdn", full_html=True)
+    written["html"] = html
+    _ensure_browser_path()
+    png = out / f"{name}.png"
+    try:
+        fig.write_image(png, width=width, height=height, scale=PNG_SCALE)
+        written["png"] = png
+    except Exception as err:  # kaleido raises several types when Chromium is missing
+        warnings.warn(
+            f"Could not write {png.name} ({type(err).__name__}: {err}). Static export needs a "
+            "Chromium: `apt-get install -y chromium` (or set BROWSER_PATH). The HTML was written.",
+            stacklevel=2,
+        )
+    return written
+
+
+def show(fig: go.Figure, name: str, width: int = 800, height: int = 500):
+    """Save the figure (see ``save_figure``) and display it inline as its PNG.
+
+    Outside a notebook this just saves.  Falls back to plotly's own rendering if no PNG could be
+    made, so the notebook still shows the figure.
+    """
+    written = save_figure(fig, name, width=width, height=height)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:  # pragma: no cover - IPython ships with the dev extras
+        return written
+    if get_ipython() is None:
+        return written
+    if "png" in written:
+        display(Image(filename=str(written["png"]), width=width))
+    else:
+        fig.show()
+    return written
