@@ -1,0 +1,62 @@
+"""The toy-world models: names, architectures and training budgets.
+
+Three GPT-NeoX models of growing size (rotary positions, like Pythia) answer "with scale"
+questions; a GPT-2 model (learned absolute positions) of the middle size lets a notebook compare
+the two position schemes.  ``make models`` trains all four with the specs below.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str  # "neox" | "gpt2"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    steps: int
+    n_ctx: int = 256
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+
+    @property
+    def d_mlp(self) -> int:
+        return 4 * self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TOY_MODELS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("toy-1l", "neox", n_layers=1, d_model=128, n_heads=4, steps=1000),
+        ModelSpec("toy-2l", "neox", n_layers=2, d_model=128, n_heads=4, steps=1000),
+        ModelSpec("toy-4l", "neox", n_layers=4, d_model=128, n_heads=4, steps=1000),
+        ModelSpec("toy-gpt2-2l", "gpt2", n_layers=2, d_model=128, n_heads=4, steps=1000),
+    ]
+}
+DEFAULT_MODEL = "toy-2l"
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in TOY_MODELS:
+        raise KeyError(f"unknown toy model {name!r}; known: {', '.join(TOY_MODELS)}")
+    return TOY_MODELS[name]
+
+
+def training_log(name: str) -> dict:
+    """The training curves saved beside a built toy model (``training_log.json``)."""
+    import json
+
+    from lib import paths
+
+    path = paths.models_dir() / name / "training_log.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no training log for {name!r} at {path}; build it with `make models`")
+    return json.loads(path.read_text())

