@@ -1,0 +1,464 @@
+"""Truth datasets in the Geometry of Truth CSV format: generated from the toy world, or read from
+any directory of such files (the original Marks & Tegmark CSVs included).
+
+A truth dataset is a CSV with at least the columns ``statement`` (one sentence ending in a period)
+and ``label`` (1 true, 0 false), plus whatever columns the dataset keeps about itself (``city``,
+``country``, ``correct_country``; ``n1``, ``n2``; ...).
+
+>>> from lib import datasets
+>>> folder = datasets.generate_truth_datasets()           # writes data/datasets/*.csv
+>>> frames = datasets.load_truth_datasets(folder)          # {"cities": DataFrame, ...}, validated
+>>> frames = datasets.load_truth_datasets("/data/geometry-of-truth/datasets")  # the originals
+
+Generation is deterministic in ``seed``: every dataset draws from its own random stream, so
+changing one dataset never changes another.  Labels are balanced by construction: each city gets
+one true and one false statement (a random other country), each translation one true and one
+false (a random other English word), each pair of numbers both orders.  Negated datasets are
+row-aligned with their affirmative partner (row ``i`` of ``neg_cities`` negates row ``i`` of
+``cities``), and :func:`contrast_pairs` finds the pairs by text in any pair of files.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lib import paths
+from lib.results import atomic_write_text
+from lib.world import facts, templates
+
+TRUTH_DATASETS: tuple[str, ...] = (
+    "cities",
+    "neg_cities",
+    "sp_en_trans",
+    "neg_sp_en_trans",
+    "larger_than",
+    "smaller_than",
+    "cities_cities_conj",
+    "cities_cities_disj",
+)
+REQUIRED_COLUMNS: tuple[str, ...] = ("statement", "label")
+
+# affirmative dataset -> (its negated partner, the rewrite that negates one statement)
+NEGATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "cities": ("neg_cities", lambda s: s.replace(" is in ", " is not in ", 1)),
+    "sp_en_trans": ("neg_sp_en_trans", lambda s: s.replace(" means ", " does not mean ", 1)),
+    "larger_than": ("smaller_than", lambda s: s.replace(" is larger than ", " is smaller than ", 1)),
+}
+NEGATED: frozenset[str] = frozenset(partner for partner, _ in NEGATIONS.values())
+
+
+class DatasetFormatError(ValueError):
+    """A truth-dataset CSV that cannot be used: missing columns, bad labels, no rows."""
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------------
+def _rng(seed: int, name: str) -> np.random.Generator:
+    """One independent stream per dataset: ``(seed, index of the dataset)``."""
+    return np.random.default_rng([seed, TRUTH_DATASETS.index(name)])
+
+
+def _other(rng: np.random.Generator, options: Sequence[str], exclude: str) -> str:
+    while True:
+        choice = options[int(rng.integers(len(options)))]
+        if choice != exclude:
+            return choice
+
+
+def _city_rows(seed: int, min_population: int) -> list[dict]:
+    """One true and one false (random other country) statement per city, in a seeded order."""
+    rng = _rng(seed, "cities")
+    cities = facts.cities(min_population)
+    countries = facts.countries(min_population)
+    rows = []
+    for city in cities:
+        wrong = _other(rng, countries, city.country)
+        for country in (city.country, wrong):
+            rows.append({"city": city.name, "country": country, "correct_country": city.country})
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def _translation_rows(seed: int) -> list[dict]:
+    rng = _rng(seed, "sp_en_trans")
+    pairs = facts.translations()
+    english = [en for _, en in pairs]
+    rows = []
+    for spanish, correct in pairs:
+        wrong = _other(rng, english, correct)
+        for shown in (correct, wrong):
+            rows.append({"spanish": spanish, "english": shown, "correct_english": correct})
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def _number_rows(seed: int, n_pairs: int) -> list[dict]:
+    """``n_pairs`` unordered pairs of distinct numbers, each in both orders (balanced labels)."""
+    rng = _rng(seed, "larger_than")
+    nums = facts.NUMBERS
+    all_pairs = [(a, b) for i, a in enumerate(nums) for b in nums[i + 1:]]
+    n_pairs = min(n_pairs, len(all_pairs))
+    chosen = rng.choice(len(all_pairs), size=n_pairs, replace=False)
+    rows = []
+    for k in chosen:
+        a, b = all_pairs[int(k)]
+        rows += [{"n1": a, "n2": b}, {"n1": b, "n2": a}]
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def _compound_rows(name: str, seed: int, n_rows: int, min_population: int) -> list[dict]:
+    """Conjunctions (true iff both clauses true) or disjunctions (false iff both false), half true.
+
+    The other label's half splits evenly over the three remaining truth patterns of the clauses.
+    """
+    rng = _rng(seed, name)
+    cities = facts.cities(min_population)
+    countries = facts.countries(min_population)
+    if name == "cities_cities_conj":
+        true_patterns, false_patterns = [(1, 1)], [(1, 0), (0, 1), (0, 0)]
+    else:
+        true_patterns, false_patterns = [(1, 0), (0, 1), (1, 1)], [(0, 0)]
+    rows = []
+    for k in range(n_rows):
+        label = k % 2 == 0
+        patterns = true_patterns if label else false_patterns
+        pattern = patterns[(k // 2) % len(patterns)]
+        i, j = rng.choice(len(cities), size=2, replace=False)
+        row = {}
+        for slot, city, truth in ((1, cities[int(i)], pattern[0]), (2, cities[int(j)], pattern[1])):
+            country = city.country if truth else _other(rng, countries, city.country)
+            row.update({f"city{slot}": city.name, f"country{slot}": country,
+                        f"correct_country{slot}": city.country, f"label{slot}": int(truth)})
+        row["label"] = int(label)
+        rows.append(row)
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def make_truth_dataset(name: str, seed: int = 0, min_population: int = facts.DEFAULT_MIN_POPULATION,
+                       n_number_pairs: int = 990, n_compound: int = 1496) -> pd.DataFrame:
+    """One dataset of ``TRUTH_DATASETS`` as a DataFrame (``statement``, ``label`` first).
+
+    Sizes: cities and neg_cities 2 x (number of cities), sp_en_trans and its negation
+    2 x (number of word pairs), larger_than / smaller_than 2 x ``n_number_pairs`` (1980, as in the
+    original), conj / disj ``n_compound`` (1496).
+    """
+    if name in ("cities", "neg_cities"):
+        rows = _city_rows(seed, min_population)
+        negated = name == "neg_cities"
+        for r in rows:
+            r["statement"] = templates.city(r["city"], r["country"], negated=negated)
+            r["label"] = int((r["country"] == r["correct_country"]) != negated)
+    elif name in ("sp_en_trans", "neg_sp_en_trans"):
+        rows = _translation_rows(seed)
+        negated = name == "neg_sp_en_trans"
+        for r in rows:
+            r["statement"] = templates.translation(r["spanish"], r["english"], negated=negated)
+            r["label"] = int((r["english"] == r["correct_english"]) != negated)
+    elif name in ("larger_than", "smaller_than"):
+        rows = _number_rows(seed, n_number_pairs)
+        relation = "larger" if name == "larger_than" else "smaller"
+        for r in rows:
+            r["statement"] = templates.comparison(r["n1"], r["n2"], relation)
+            r["label"] = int(r["n1"] > r["n2"] if relation == "larger" else r["n1"] < r["n2"])
+            r["diff"] = r["n1"] - r["n2"]
+            r["abs_diff"] = abs(r["diff"])
+    elif name in ("cities_cities_conj", "cities_cities_disj"):
+        rows = _compound_rows(name, seed, n_compound, min_population)
+        make = templates.cities_conj if name == "cities_cities_conj" else templates.cities_disj
+        for r in rows:
+            r["statement"] = make((r["city1"], r["country1"]), (r["city2"], r["country2"]))
+    else:
+        raise KeyError(f"unknown truth dataset {name!r}; known: {', '.join(TRUTH_DATASETS)}")
+    frame = pd.DataFrame(rows)
+    first = list(REQUIRED_COLUMNS)
+    return frame[first + [c for c in frame.columns if c not in first]]
+
+
+def generate_truth_datasets(directory: str | os.PathLike | None = None, seed: int = 0,
+                            names: Iterable[str] = TRUTH_DATASETS, **kwargs) -> Path:
+    """Write ``{name}.csv`` for each dataset to ``directory`` (default ``data/datasets/``).
+
+    Each file is written atomically, and only when its content changed (a rerun leaves the
+    committed files untouched).  Returns the directory.
+    """
+    out = Path(directory) if directory is not None else paths.datasets_dir()
+    for name in names:
+        text = make_truth_dataset(name, seed=seed, **kwargs).to_csv(index=False, lineterminator="\n")
+        path = out / f"{name}.csv"
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            atomic_write_text(path, text)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# reading and validation
+# --------------------------------------------------------------------------------------------
+_LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "1.0": 1, "0.0": 0}
+
+
+def validate_truth_frame(frame: pd.DataFrame, source: str = "dataset") -> pd.DataFrame:
+    """Check a truth dataset and return it with ``label`` as int 0/1 and ``statement`` as str.
+
+    Raises ``DatasetFormatError`` naming the file, the problem and the fix when a required column
+    is missing, there are no rows, a statement is empty, or a label is not binary.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DatasetFormatError(
+            f"{source} is missing column(s) {missing}; found {list(frame.columns)}. A truth dataset "
+            f"needs a header with 'statement' (the sentence) and 'label' (1 true, 0 false)."
+        )
+    if len(frame) == 0:
+        raise DatasetFormatError(f"{source} has a header but no rows; a truth dataset needs statements.")
+    frame = frame.copy()
+    statements = frame["statement"]
+    empty = statements.isna() | (statements.astype(str).str.strip() == "")
+    if empty.any():
+        rows = [int(i) + 2 for i in np.flatnonzero(empty.to_numpy())[:5]]
+        raise DatasetFormatError(f"{source} has empty statements at line(s) {rows} (counting the header as 1).")
+    frame["statement"] = statements.astype(str)
+    words = frame["label"].astype(str).str.strip().str.lower()
+    bad = ~words.isin(list(_LABEL_WORDS))
+    if bad.any():
+        idx = np.flatnonzero(bad.to_numpy())
+        values = sorted({str(v) for v in frame["label"].iloc[idx[:20]]})
+        raise DatasetFormatError(
+            f"{source} has non-binary labels {values} at line(s) {[int(i) + 2 for i in idx[:5]]} "
+            f"({len(idx)} rows in all); labels must be 1 (true) or 0 (false)."
+        )
+    frame["label"] = words.map(_LABEL_WORDS).astype(np.int64)
+    return frame
+
+
+def read_truth_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and validate one truth-dataset CSV (see :func:`validate_truth_frame`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No truth dataset at {path}.")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DatasetFormatError(
+            f"{path} is empty; a truth dataset is a CSV with a header 'statement,label,...' and one row per statement."
+        )
+    frame = pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""])
+    return validate_truth_frame(frame, source=str(path))
+
+
+def available_truth_datasets(directory: str | os.PathLike) -> list[str]:
+    """The dataset names (file stems) of the CSVs in ``directory``, sorted."""
+    return sorted(p.stem for p in Path(directory).glob("*.csv"))
+
+
+def load_truth_datasets(directory: str | os.PathLike | None = None,
+                        names: Iterable[str] = TRUTH_DATASETS, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """``{name: validated DataFrame}`` read from ``directory``.
+
+    ``directory=None`` generates the toy-world datasets first (into ``data/datasets/``, see
+    :func:`generate_truth_datasets`).  A missing file is an error that lists what the folder holds.
+    """
+    names = list(names)
+    if directory is None:
+        directory = generate_truth_datasets(seed=seed, names=names)
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"datasets_dir {directory} is not a directory; point it at a folder of Geometry of Truth "
+            f"CSVs (e.g. the 'datasets' folder of the geometry-of-truth repository) or pass None to generate them."
+        )
+    missing = [n for n in names if not (directory / f"{n}.csv").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} has no {', '.join(m + '.csv' for m in missing)}. It holds: "
+            f"{', '.join(available_truth_datasets(directory)) or '(no CSV files)'}. Pass the names "
+            f"that exist, or datasets_dir=None to generate the toy-world datasets."
+        )
+    return {n: read_truth_csv(directory / f"{n}.csv") for n in names}
+
+
+# --------------------------------------------------------------------------------------------
+# contrast pairs (for CCS)
+# --------------------------------------------------------------------------------------------
+def negation_partner(name: str) -> str | None:
+    """The dataset that negates ``name`` (in either direction), or None."""
+    if name in NEGATIONS:
+        return NEGATIONS[name][0]
+    for affirmative, (partner, _) in NEGATIONS.items():
+        if partner == name:
+            return affirmative
+    return None
+
+
+def contrast_pairs(frames: dict[str, pd.DataFrame], name: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Rows of ``name`` and of its negation that say opposite things about the same fact.
+
+    Returns ``(rows_in_name, rows_in_partner, partner_name)``: row ``rows_in_name[k]`` of
+    ``frames[name]`` and row ``rows_in_partner[k]`` of ``frames[partner]`` are a statement and its
+    negation (matched by text, so the original files, which are not row-aligned, pair too).
+    Raises ``KeyError`` when ``name`` has no negated partner among ``frames``.
+    """
+    if name in NEGATIONS:
+        partner, negate = NEGATIONS[name]
+        forward = True
+    else:
+        partner = negation_partner(name)
+        if partner is None:
+            raise KeyError(f"{name!r} has no negated partner dataset; pairs exist for {sorted(NEGATIONS)} and their negations")
+        negate = NEGATIONS[partner][1]
+        forward = False
+    if partner not in frames:
+        raise KeyError(f"contrast pairs for {name!r} need {partner!r}, which was not loaded")
+    affirmative = frames[name] if forward else frames[partner]
+    negated = frames[partner] if forward else frames[name]
+    where = {s: i for i, s in enumerate(negated["statement"])}
+    a_rows, n_rows = [], []
+    for i, s in enumerate(affirmative["statement"]):
+        j = where.get(negate(s))
+        if j is not None:
+            a_rows.append(i)
+            n_rows.append(j)
+    if not a_rows:
+        raise KeyError(f"no statement of {name!r} has its negation in {partner!r}")
+    a, n = np.asarray(a_rows), np.asarray(n_rows)
+    return (a, n, partner) if forward else (n, a, partner)
+
+
+# --------------------------------------------------------------------------------------------
+# the probing protocol: per-dataset centring, pair-consistent held-out splits, combined sets
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TruthProbeData:
+    """Activations of several truth datasets, arranged for training and testing probes.
+
+    X: name -> (n, d) activations, centred on the dataset's own mean when ``centred``; y: name ->
+    (n,) labels; train / test: name -> row indices.  Splits are stratified and consistent across
+    a dataset and its negation (a statement and its negation fall on the same side), so a probe
+    trained on ``cities`` never saw the facts of the ``neg_cities`` rows it is tested on.
+    """
+
+    X: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    pairs: dict[str, tuple[np.ndarray, np.ndarray, str]]
+    centred: bool = True
+
+    def train_set(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(X, y)`` of the training rows of ``name``, or of several joined by ``+`` ("cities+neg_cities")."""
+        parts = name.split("+")
+        return (np.concatenate([self.X[p][self.train[p]] for p in parts]),
+                np.concatenate([self.y[p][self.train[p]] for p in parts]))
+
+    def test_set(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(X, y)`` of the held-out rows of ``name``."""
+        return self.X[name][self.test[name]], self.y[name][self.test[name]]
+
+    def ccs_train_set(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(x_pos, x_neg, y)`` for CCS: training rows of ``name`` (all ``+`` parts) and their negations.
+
+        None when no part of ``name`` has a negated partner among the loaded datasets.
+        """
+        pos, neg, ys = [], [], []
+        for part in name.split("+"):
+            if part not in self.pairs:
+                continue
+            rows, partner_rows, partner = self.pairs[part]
+            keep = np.isin(rows, self.train[part])
+            pos.append(self.X[part][rows[keep]])
+            neg.append(self.X[partner][partner_rows[keep]])
+            ys.append(self.y[part][rows[keep]])
+        if not pos:
+            return None
+        return np.concatenate(pos), np.concatenate(neg), np.concatenate(ys)
+
+    def train_sets(self, names: Iterable[str], probe: str = "dim") -> dict[str, tuple | None]:
+        """Arguments of ``probe.fit`` for each training set: ``(X, y)``, or CCS's pairs when ``probe == "ccs"``."""
+        return {n: self.ccs_train_set(n) if probe == "ccs" else self.train_set(n) for n in names}
+
+    def test_sets(self, names: Iterable[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {n: self.test_set(n) for n in (self.X if names is None else names)}
+
+
+_FACT_PATTERNS = (
+    re.compile(r"^The city of (.+?) is (?:not )?in "),  # cities, neg_cities: the city
+    re.compile(r"^The Spanish word '(.+?)' (?:does not mean|means) "),  # translations: the Spanish word
+    re.compile(r"^(\S+) is (?:larger|smaller) than (\S+?)\.$"),  # comparisons: the pair of numbers
+)
+
+
+def fact_keys(frame: pd.DataFrame) -> np.ndarray:
+    """(n,) the fact each statement is about, read from its text with the Geometry of Truth templates.
+
+    "The city of Paris is (not) in X." -> "Paris"; "The Spanish word 'gato' (does not) mean(s) ..."
+    -> "gato"; "Fifty-one is larger/smaller than sixty." -> the unordered pair of numbers.  A
+    statement that fits no template is its own fact (``"row:{i}"``).  A statement and its negation,
+    and the true and false statements about one city, share a key.
+    """
+    keys = []
+    for i, text in enumerate(frame["statement"]):
+        key = f"row:{i}"
+        for pattern in _FACT_PATTERNS:
+            m = pattern.match(text)
+            if m:
+                key = "|".join(sorted(g.lower() for g in m.groups())) if len(m.groups()) > 1 else m.group(1)
+                break
+        keys.append(key)
+    return np.array(keys, dtype=object)
+
+
+def truth_probe_data(frames: dict[str, pd.DataFrame], acts: dict[str, np.ndarray], test_fraction: float = 0.2,
+                     seed: int = 0, centred: bool = True) -> TruthProbeData:
+    """Build ``TruthProbeData`` from validated frames and their activations (``acts[name]``: (n, d)).
+
+    The held-out rows are whole facts (:func:`fact_keys`): a random ``test_fraction`` of the
+    cities (Spanish words, number pairs) with every statement about them, chosen once for a
+    dataset and its negation together, so a probe is always tested on facts it never saw, in
+    either polarity.  Sets whose statements fit no template (conjunctions, disjunctions) are
+    split row by row, stratified.
+    """
+    from lib.probes import center, train_test_indices
+
+    names = [n for n in frames if n in acts]
+    X = {n: (center(acts[n]) if centred else np.asarray(acts[n], dtype=np.float64)) for n in names}
+    y = {n: frames[n]["label"].to_numpy(np.int64) for n in names}
+    for n in names:
+        if len(X[n]) != len(y[n]):
+            raise ValueError(f"{n}: {len(X[n])} activation rows for {len(y[n])} statements")
+    pairs: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
+    for n in names:
+        if negation_partner(n) in names:
+            try:
+                pairs[n] = contrast_pairs(frames, n)
+            except KeyError:
+                pass
+    train, test = {}, {}
+    for k, n in enumerate(names):
+        if n in test:
+            continue
+        keys = fact_keys(frames[n])
+        partner = negation_partner(n)
+        family = [n] + ([partner] if partner in names else [])
+        if all(key.startswith("row:") for key in keys):
+            train[n], test[n] = train_test_indices(y[n], test_fraction, seed=seed + k)
+            family = [n]
+            held = None
+        else:
+            family_keys = np.concatenate([fact_keys(frames[m]) for m in family])
+            family_y = np.concatenate([y[m] for m in family])
+            _, test_rows = train_test_indices(family_y, test_fraction, seed=seed + k, groups=family_keys)
+            held = set(family_keys[test_rows].tolist())
+        for m in family:
+            if held is None:
+                continue
+            in_test = np.array([key in held for key in fact_keys(frames[m])])
+            train[m], test[m] = np.flatnonzero(~in_test), np.flatnonzero(in_test)
+    return TruthProbeData(X, y, train, test, pairs, centred)

@@ -1,0 +1,323 @@
+"""Linear probes on activations: difference-in-means, LDA, logistic regression and CCS.
+
+Every probe is a direction ``w`` (and a bias ``b``, zero unless ``fit_bias``): it scores an
+activation ``x`` as ``w . x + b`` and predicts "true" (1) when the score is positive.  Arrays in
+(NumPy or torch, shape (n, d)), nothing about datasets: callers centre and split the data.
+
+* ``DiffMeanProbe``  (mass-mean): ``w = mu_true - mu_false``.
+* ``LDAProbe``       (mass-mean with the inverse of the pooled within-class covariance):
+  ``w = (Sigma_w + shrinkage)^-1 (mu_true - mu_false)``; the shrinkage pulls ``Sigma_w`` towards a
+  multiple of the identity, so it stays invertible with fewer samples than dimensions.
+* ``LogisticProbe``  (logistic regression, L2-regularised, scikit-learn's lbfgs).
+* ``CCSProbe``       (contrast-consistent search, Burns et al. 2022): unsupervised, fitted on
+  contrast pairs ``(x_pos, x_neg)`` (a statement and its negation) so that
+  ``p(x_pos) ~ 1 - p(x_neg)`` and one of them is confident; labels, when given, only choose the
+  sign of the direction (CCS cannot tell "true" from "false" by itself).
+
+With ``fit_bias=False`` (the default, as in the Geometry of Truth) a probe has no bias and expects
+data centred per dataset (``center``).  ``generalization_matrix`` trains a probe on each training
+set and scores it on each test set.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def as_array(x: ArrayLike) -> np.ndarray:
+    """A float64 NumPy copy of a NumPy array or torch tensor."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _labels(y: ArrayLike) -> np.ndarray:
+    y = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y).reshape(-1)
+    values = set(np.unique(y).tolist())
+    if not values <= {0, 1, True, False}:
+        raise ValueError(f"labels must be 0/1, got values {sorted(values)[:10]}")
+    return y.astype(np.int64)
+
+
+def _check_xy(X: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    X, y = as_array(X), _labels(y)
+    if X.ndim != 2 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"X must be (n, d) with one label per row; got X {X.shape}, y {y.shape}")
+    if len(np.unique(y)) < 2:
+        raise ValueError("both classes (0 and 1) are needed to fit a probe")
+    return X, y
+
+
+def center(X: ArrayLike) -> np.ndarray:
+    """``X - X.mean(0)``: the per-dataset centring probes without a bias expect.  (n, d)."""
+    X = as_array(X)
+    return X - X.mean(axis=0, keepdims=True)
+
+
+class LinearProbe:
+    """Base class: ``direction`` (d,), ``bias``; score ``X @ direction + bias``; predict score > 0."""
+
+    name = "linear"
+    direction: np.ndarray
+    bias: float = 0.0
+
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
+        """(n,) signed scores; positive means "true"."""
+        if not hasattr(self, "direction"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted yet: call fit first")
+        return as_array(X) @ self.direction + self.bias
+
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """(n,) 0/1 predictions."""
+        return (self.decision_function(X) > 0).astype(np.int64)
+
+    def score(self, X: ArrayLike, y: ArrayLike) -> float:
+        """Accuracy on ``(X, y)``."""
+        return float(np.mean(self.predict(X) == _labels(y)))
+
+    def unit_direction(self) -> np.ndarray:
+        """The direction scaled to unit L2 norm (d,)."""
+        return self.direction / np.linalg.norm(self.direction)
+
+
+def _midpoint_bias(w: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
+    return float(-0.5 * (X[y == 1].mean(0) + X[y == 0].mean(0)) @ w)
+
+
+@dataclass
+class DiffMeanProbe(LinearProbe):
+    """Difference-in-means (mass-mean) probe: ``direction = mean(X[y==1]) - mean(X[y==0])``."""
+
+    fit_bias: bool = False
+    name = "dim"
+
+    def fit(self, X: ArrayLike, y: ArrayLike) -> "DiffMeanProbe":
+        X, y = _check_xy(X, y)
+        self.direction = X[y == 1].mean(0) - X[y == 0].mean(0)
+        self.bias = _midpoint_bias(self.direction, X, y) if self.fit_bias else 0.0
+        return self
+
+
+def pooled_within_class_covariance(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(d, d): covariance of ``X`` after subtracting each class's own mean."""
+    centred = np.concatenate([X[y == c] - X[y == c].mean(0) for c in (0, 1)])
+    return centred.T @ centred / len(centred)
+
+
+@dataclass
+class LDAProbe(LinearProbe):
+    """Mass-mean with the inverse within-class covariance (Fisher's LDA direction).
+
+    ``direction = ((1 - s) Sigma_w + s * tr(Sigma_w) / d * I)^-1 (mu_1 - mu_0)`` with ``s = shrinkage``.
+    """
+
+    shrinkage: float = 0.1
+    fit_bias: bool = False
+    name = "lda"
+
+    def fit(self, X: ArrayLike, y: ArrayLike) -> "LDAProbe":
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
+        X, y = _check_xy(X, y)
+        sigma = pooled_within_class_covariance(X, y)
+        d = sigma.shape[0]
+        target = np.trace(sigma) / d * np.eye(d)
+        reg = (1 - self.shrinkage) * sigma + self.shrinkage * target
+        diff = X[y == 1].mean(0) - X[y == 0].mean(0)
+        self.direction = np.linalg.lstsq(reg, diff, rcond=None)[0] if self.shrinkage == 0 else np.linalg.solve(reg, diff)
+        self.bias = _midpoint_bias(self.direction, X, y) if self.fit_bias else 0.0
+        return self
+
+
+@dataclass
+class LogisticProbe(LinearProbe):
+    """L2-regularised logistic regression (scikit-learn, lbfgs); ``C`` is the inverse strength."""
+
+    C: float = 1.0
+    fit_bias: bool = False
+    max_iter: int = 2000
+    name = "lr"
+
+    def fit(self, X: ArrayLike, y: ArrayLike) -> "LogisticProbe":
+        from sklearn.linear_model import LogisticRegression
+
+        X, y = _check_xy(X, y)
+        model = LogisticRegression(C=self.C, fit_intercept=self.fit_bias, max_iter=self.max_iter)
+        model.fit(X, y)
+        self.direction = model.coef_[0].astype(np.float64)
+        self.bias = float(model.intercept_[0]) if self.fit_bias else 0.0
+        return self
+
+
+@dataclass
+class CCSProbe(LinearProbe):
+    """Contrast-consistent search on pairs ``(x_pos, x_neg)``: (n, d) each, row k a statement and its negation.
+
+    Each side is centred on its own mean and scaled to unit mean norm; the probe
+    ``p(x) = sigmoid(w . x)`` minimises ``mean((p(x_pos) - (1 - p(x_neg)))^2) + mean(min(p_pos, p_neg)^2)``
+    with Adam from ``n_restarts`` random unit-norm starts (optimised together), keeping the best.  ``y`` (labels of ``x_pos``)
+    only orients ``w``: it is flipped when it scores below 50% on the pairs it was fitted on.
+    """
+
+    n_restarts: int = 10
+    n_steps: int = 400
+    lr: float = 5e-2
+    weight_decay: float = 0.0
+    seed: int = 0
+    name = "ccs"
+    loss_: float = field(default=float("nan"), init=False)
+
+    @staticmethod
+    def _normalise(x: np.ndarray) -> np.ndarray:
+        x = x - x.mean(0, keepdims=True)
+        return x / max(np.linalg.norm(x, axis=1).mean(), 1e-12)
+
+    def fit(self, x_pos: ArrayLike, x_neg: ArrayLike, y: ArrayLike | None = None) -> "CCSProbe":
+        x_pos, x_neg = as_array(x_pos), as_array(x_neg)
+        if x_pos.shape != x_neg.shape or x_pos.ndim != 2:
+            raise ValueError(f"x_pos and x_neg must be matching (n, d) arrays; got {x_pos.shape} and {x_neg.shape}")
+        a, b = self._normalise(x_pos), self._normalise(x_neg)
+        rng = np.random.default_rng(self.seed)
+        # all restarts optimised at once: W is (n_restarts, d), each row an independent probe
+        # started from a random unit-norm direction; Adam with the analytic gradient
+        W = rng.normal(size=(self.n_restarts, a.shape[1]))
+        W /= np.linalg.norm(W, axis=1, keepdims=True)
+        m, v = np.zeros_like(W), np.zeros_like(W)
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        for step in range(1, self.n_steps + 1):
+            grad = self._loss_and_grad(a, b, W)[1] + self.weight_decay * W
+            m = beta1 * m + (1 - beta1) * grad
+            v = beta2 * v + (1 - beta2) * grad**2
+            W -= self.lr * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + eps)
+        losses = self._loss_and_grad(a, b, W)[0]
+        best = int(np.argmin(losses))
+        best_loss, w = float(losses[best]), W[best].copy()
+        if y is not None:
+            y = _labels(y)
+            if len(y) != len(x_pos):
+                raise ValueError(f"y must label the {len(x_pos)} rows of x_pos, got {len(y)}")
+            pair_scores = a @ w - b @ w
+            if np.mean((pair_scores > 0) == (y == 1)) < 0.5:
+                w = -w
+        self.direction = w
+        self.bias = 0.0
+        self.loss_ = best_loss
+        return self
+
+    @staticmethod
+    def _loss_and_grad(a: np.ndarray, b: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """CCS loss of each row of ``W`` (R, d) on pairs ``a``, ``b`` (n, d): ``((R,), (R, d) gradient)``."""
+        p_a = 1.0 / (1.0 + np.exp(-(a @ W.T)))  # (n, R)
+        p_b = 1.0 / (1.0 + np.exp(-(b @ W.T)))
+        n = a.shape[0]
+        gap = p_a + p_b - 1.0
+        low = np.minimum(p_a, p_b)
+        loss = (gap**2).mean(0) + (low**2).mean(0)
+        a_low = p_a <= p_b
+        d_pa = (2 * gap + 2 * low * a_low) / n
+        d_pb = (2 * gap + 2 * low * ~a_low) / n
+        grad = (d_pa * p_a * (1 - p_a)).T @ a + (d_pb * p_b * (1 - p_b)).T @ b
+        return loss, grad
+
+    def predict_pairs(self, x_pos: ArrayLike, x_neg: ArrayLike) -> np.ndarray:
+        """(n,) 0/1: whether ``x_pos`` is the true one, from ``(p(x_pos) + 1 - p(x_neg)) / 2 > 0.5``."""
+        return (self.decision_function(x_pos) - self.decision_function(x_neg) > 0).astype(np.int64)
+
+
+PROBES: dict[str, Callable[[], LinearProbe]] = {
+    "dim": DiffMeanProbe,
+    "lda": LDAProbe,
+    "lr": LogisticProbe,
+    "ccs": CCSProbe,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation helpers
+# --------------------------------------------------------------------------------------------
+def train_test_indices(y: ArrayLike, test_fraction: float = 0.2, seed: int = 0,
+                       groups: Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out split: ``(train_idx, test_idx)``, each sorted.
+
+    Without ``groups``: stratified, ``test_fraction`` of each class held out.  With ``groups``
+    (one hashable key per row): whole groups are held out (a random ``test_fraction`` of the
+    groups), so rows that share a key (e.g. the true and the false statement about one city)
+    are never split between training and testing.
+    """
+    y = _labels(y)
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        keys = pd.Series(list(groups)).astype(str).to_numpy()
+        if len(keys) != len(y):
+            raise ValueError(f"groups has {len(keys)} keys for {len(y)} rows")
+        unique = np.unique(keys)
+        held = set(rng.permutation(unique)[: int(round(test_fraction * len(unique)))].tolist())
+        in_test = np.array([k in held for k in keys])
+        return np.flatnonzero(~in_test), np.flatnonzero(in_test)
+    train, test = [], []
+    for c in (0, 1):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(test_fraction * len(idx)))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def generalization_matrix(make_probe: Callable[[], LinearProbe], train_sets: Mapping[str, tuple | None],
+                          test_sets: Mapping[str, tuple[ArrayLike, ArrayLike]]) -> pd.DataFrame:
+    """Accuracy of a probe trained on each training set (rows) and scored on each test set (columns).
+
+    ``train_sets[name]`` holds the arguments of ``probe.fit`` (``(X, y)``, or ``(x_pos, x_neg, y)``
+    for CCS), or None for a probe that cannot be trained there (its row is NaN).
+    ``test_sets[name]`` is ``(X, y)``.
+    """
+    rows: dict[str, dict[str, float]] = {}
+    for train_name, args in train_sets.items():
+        if args is None:
+            rows[train_name] = {t: np.nan for t in test_sets}
+            continue
+        probe = make_probe().fit(*args)
+        rows[train_name] = {t: probe.score(X, y) for t, (X, y) in test_sets.items()}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    return frame.reindex(index=list(train_sets), columns=list(test_sets))
+
+
+def in_distribution(train_name: str, test_name: str) -> bool:
+    """Whether ``test_name`` is one of the sets joined by ``+`` in ``train_name``."""
+    return test_name in train_name.split("+")
+
+
+def offdiagonal_mean(matrix: pd.DataFrame, rows=None, columns=None) -> float:
+    """Mean accuracy over the (train, test) cells where the test set was not trained on."""
+    rows = list(matrix.index if rows is None else rows)
+    columns = list(matrix.columns if columns is None else columns)
+    values = [matrix.loc[r, c] for r in rows for c in columns if not in_distribution(r, c)]
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def diagonal_mean(matrix: pd.DataFrame) -> float:
+    """Mean held-out accuracy over the cells where a probe is tested on (held-out rows of) its own set."""
+    values = [matrix.loc[r, c] for r in matrix.index for c in matrix.columns if r == c]
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def pca(X: ArrayLike, k: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``k`` principal components of ``X`` (n, d): ``(coords (n, k), components (k, d), explained ratio (k,))``.
+
+    Signs are fixed (each component's largest-magnitude loading is positive) so results are stable.
+    """
+    X = center(X)
+    _, s, vt = np.linalg.svd(X, full_matrices=False)
+    comps = vt[:k]
+    flip = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])
+    comps = comps * flip[:, None]
+    ratio = (s[:k] ** 2) / max((s**2).sum(), 1e-300)
+    return X @ comps.T, comps, ratio

@@ -1,0 +1,175 @@
+"""Truth datasets: generation (sizes, balance, correct labels, determinism), the CSV reader's
+validation, contrast pairs, and the probing protocol's splits."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib import datasets as ds
+from lib.world import facts, templates
+
+
+@pytest.fixture(scope="module")
+def frames() -> dict[str, pd.DataFrame]:
+    return {n: ds.make_truth_dataset(n, seed=0) for n in ds.TRUTH_DATASETS}
+
+
+def test_sizes_balance_and_columns(frames):
+    n_cities, n_words = len(facts.cities()), len(facts.translations())
+    expected = {"cities": 2 * n_cities, "neg_cities": 2 * n_cities, "sp_en_trans": 2 * n_words,
+                "neg_sp_en_trans": 2 * n_words, "larger_than": 1980, "smaller_than": 1980,
+                "cities_cities_conj": 1496, "cities_cities_disj": 1496}
+    for name, frame in frames.items():
+        assert len(frame) == expected[name], name
+        assert list(frame.columns[:2]) == ["statement", "label"]
+        assert frame["label"].mean() == 0.5, name
+        assert frame["statement"].is_unique or name in ("cities_cities_conj", "cities_cities_disj"), name
+        assert frame["statement"].str.endswith(".").all()
+
+
+def test_labels_are_the_facts(frames):
+    truth = {c.name: c.country for c in facts.cities()}
+    c = frames["cities"]
+    assert (c["correct_country"] == c["city"].map(truth)).all()
+    assert ((c["country"] == c["correct_country"]).astype(int) == c["label"]).all()
+    assert (c["statement"] == [templates.city(a, b) for a, b in zip(c["city"], c["country"])]).all()
+    n = frames["neg_cities"]
+    assert ((n["country"] != n["correct_country"]).astype(int) == n["label"]).all()
+    assert n["statement"].str.contains(" is not in ").all()
+    words = dict(facts.translations())
+    t = frames["sp_en_trans"]
+    assert ((t["spanish"].map(words) == t["english"]).astype(int) == t["label"]).all()
+    for name, rel in (("larger_than", np.greater), ("smaller_than", np.less)):
+        f = frames[name]
+        assert (rel(f["n1"], f["n2"]).astype(int) == f["label"]).all()
+        assert f["n1"].between(51, 99).all() and (f["n1"] != f["n2"]).all()
+    conj, disj = frames["cities_cities_conj"], frames["cities_cities_disj"]
+    assert ((conj["label1"] & conj["label2"]) == conj["label"]).all()
+    assert ((disj["label1"] | disj["label2"]) == disj["label"]).all()
+    for f in (conj, disj):
+        for slot in (1, 2):
+            assert (f[f"city{slot}"].map(truth) == f[f"correct_country{slot}"]).all()
+            assert ((f[f"country{slot}"] == f[f"correct_country{slot}"]).astype(int) == f[f"label{slot}"]).all()
+
+
+def test_negations_are_row_aligned_and_flip_labels(frames):
+    for affirmative, (negated, negate) in ds.NEGATIONS.items():
+        a, n = frames[affirmative], frames[negated]
+        assert (a["statement"].map(negate) == n["statement"]).all()
+        assert (a["label"] + n["label"] == 1).all()
+
+
+def test_generation_is_deterministic_and_seeded():
+    a = ds.make_truth_dataset("cities", seed=0)
+    b = ds.make_truth_dataset("cities", seed=0)
+    c = ds.make_truth_dataset("cities", seed=1)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["statement"].equals(c["statement"])
+    # each dataset has its own stream: sp_en_trans does not depend on which others were made
+    assert ds.make_truth_dataset("sp_en_trans", seed=0).equals(ds.make_truth_dataset("sp_en_trans", seed=0))
+
+
+def test_write_then_read_round_trip(tmp_path, frames):
+    folder = ds.generate_truth_datasets(tmp_path, seed=0)
+    assert sorted(p.name for p in folder.glob("*.csv")) == sorted(f"{n}.csv" for n in ds.TRUTH_DATASETS)
+    mtime = (folder / "cities.csv").stat().st_mtime_ns
+    ds.generate_truth_datasets(tmp_path, seed=0)  # unchanged content: file left alone
+    assert (folder / "cities.csv").stat().st_mtime_ns == mtime
+    loaded = ds.load_truth_datasets(folder)
+    for name, frame in frames.items():
+        pd.testing.assert_frame_equal(loaded[name], frame, check_dtype=False)
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_default_directory_is_data_datasets(isolated_root):
+    loaded = ds.load_truth_datasets(names=["sp_en_trans"])
+    assert (isolated_root / "data" / "datasets" / "sp_en_trans.csv").exists()
+    assert len(loaded["sp_en_trans"]) == 2 * len(facts.translations())
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_reader_accepts_original_format_and_word_labels(tmp_path):
+    p = _write(tmp_path / "mine.csv", "statement,label,city\nThe city of A is in B.,True,A\nThe city of A is in C.,false,A\n")
+    frame = ds.read_truth_csv(p)
+    assert frame["label"].tolist() == [1, 0] and frame["label"].dtype == np.int64
+    p = _write(tmp_path / "orig.csv", "statement,label\n\"Commas, quoted.\",1\nPlain.,0\n")
+    assert ds.read_truth_csv(p)["statement"].tolist() == ["Commas, quoted.", "Plain."]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("sentence,label\nA.,1\n", r"missing column\(s\) \['statement'\].*found \['sentence', 'label'\]"),
+        ("statement\nA.\n", r"missing column\(s\) \['label'\]"),
+        ("", "is empty"),
+        ("statement,label\n", "no rows"),
+        ("statement,label\nA.,1\nB.,2\nC.,yes\n", r"non-binary labels \['2', 'yes'\] at line\(s\) \[3, 4\]"),
+        ("statement,label\nA.,1\n,0\n", r"empty statements at line\(s\) \[3\]"),
+    ],
+)
+def test_reader_errors_say_what_is_wrong(tmp_path, text, match):
+    p = _write(tmp_path / "bad.csv", text)
+    with pytest.raises(ds.DatasetFormatError, match=match):
+        ds.read_truth_csv(p)
+
+
+def test_missing_dataset_lists_what_the_folder_has(tmp_path):
+    _write(tmp_path / "cities.csv", "statement,label\nA.,1\nB.,0\n")
+    with pytest.raises(FileNotFoundError, match=r"no neg_cities\.csv.*It holds: cities"):
+        ds.load_truth_datasets(tmp_path, names=["cities", "neg_cities"])
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ds.load_truth_datasets(tmp_path / "nope")
+
+
+def test_contrast_pairs_match_by_text_in_unaligned_files(frames):
+    shuffled = dict(frames)
+    shuffled["neg_cities"] = frames["neg_cities"].sample(frac=1.0, random_state=3).reset_index(drop=True).iloc[:-5]
+    rows, partner_rows, partner = ds.contrast_pairs(shuffled, "cities")
+    assert partner == "neg_cities" and len(rows) == len(frames["cities"]) - 5
+    negate = ds.NEGATIONS["cities"][1]
+    assert all(negate(shuffled["cities"]["statement"][i]) == shuffled["neg_cities"]["statement"][j]
+               for i, j in zip(rows, partner_rows))
+    back_rows, back_partner_rows, back = ds.contrast_pairs(shuffled, "neg_cities")
+    assert back == "cities" and set(zip(back_partner_rows, back_rows)) == set(zip(rows, partner_rows))
+    with pytest.raises(KeyError, match="no negated partner"):
+        ds.contrast_pairs(frames, "cities_cities_conj")
+
+
+def test_probe_data_centres_splits_and_keeps_pairs_together(frames):
+    names = ["cities", "neg_cities", "sp_en_trans", "cities_cities_conj"]
+    rng = np.random.default_rng(0)
+    acts = {n: rng.normal(size=(len(frames[n]), 4)) + 3.0 for n in names}
+    data = ds.truth_probe_data({n: frames[n] for n in names}, acts, test_fraction=0.2, seed=0)
+    for n in names:
+        assert np.allclose(data.X[n].mean(0), 0)
+        assert len(np.intersect1d(data.train[n], data.test[n])) == 0
+        assert len(data.train[n]) + len(data.test[n]) == len(frames[n])
+        assert abs(len(data.test[n]) / len(frames[n]) - 0.2) < 0.01
+        assert data.y[n][data.test[n]].mean() == pytest.approx(0.5, abs=0.01)
+    # whole facts are held out: no city is on both sides, in either polarity
+    keys = {n: ds.fact_keys(frames[n]) for n in ("cities", "neg_cities")}
+    seen = set(keys["cities"][data.train["cities"]]) | set(keys["neg_cities"][data.train["neg_cities"]])
+    held = set(keys["cities"][data.test["cities"]]) | set(keys["neg_cities"][data.test["neg_cities"]])
+    assert not seen & held and set(keys["cities"][data.test["cities"]]) == set(keys["neg_cities"][data.test["neg_cities"]])
+    rows, partner_rows, _ = data.pairs["cities"]
+    assert (np.isin(rows, data.test["cities"]) == np.isin(partner_rows, data.test["neg_cities"])).all()
+    X, y = data.train_set("cities+neg_cities")
+    assert len(X) == len(data.train["cities"]) + len(data.train["neg_cities"]) == len(y)
+    pos, neg, yy = data.ccs_train_set("cities")
+    assert pos.shape == neg.shape and len(yy) == len(data.train["cities"])
+    assert data.ccs_train_set("cities_cities_conj") is None
+    assert data.train_sets(["cities_cities_conj"], probe="ccs") == {"cities_cities_conj": None}
+
+
+def test_fact_keys_read_the_templates():
+    frame = pd.DataFrame({"statement": [
+        "The city of Paris is in France.", "The city of Paris is not in Chile.",
+        "The Spanish word 'gato' does not mean 'dog'.", "Fifty-one is larger than sixty.",
+        "Sixty is smaller than fifty-one.", "Something else.",
+    ], "label": [1, 1, 1, 0, 0, 1]})
+    assert ds.fact_keys(frame).tolist() == ["Paris", "Paris", "gato", "fifty-one|sixty", "fifty-one|sixty", "row:5"]
