@@ -1,0 +1,1 @@
+"""Small self-contained toy models (pure torch, no language model): ``compressed_computation``."""
