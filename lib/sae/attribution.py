@@ -1,0 +1,234 @@
+"""Effect on a metric of patching SAE latents from clean to corrupted values: exact, linear, integrated.
+
+Setting.  An SAE is spliced at ``hook`` of ``model`` with its error term kept, so the clean run is
+unchanged: the activation becomes ``decode(f) + err_clean`` with ``err_clean = a - sae(a)`` from the
+clean run.  ``f_clean = encode(a_clean)`` and ``f_corr = encode(a_corrupt)`` come from the clean and
+the corrupted prompts (same shape), at the positions ``positions`` [batch, pos] (default: all).
+``m(v)`` is the batch mean of ``metric(logits)`` [batch] with the SAE's latent values ``v`` set.
+A *node* is one latent ``i``, patched at every selected position of every prompt at once.
+
+For node ``i`` with ``delta_i = v_corr_i - v_clean_i``:
+
+- exact activation patching:  ``m(v_clean + delta_i e_i) - m(v_clean)``;
+- attribution patching:       ``<grad m(v_clean), delta_i e_i>``  (first order, one backward pass);
+- integrated gradients (k steps, midpoint rule, ``alpha_j = (j + 1/2) / k``):
+  ``<mean_j grad m(v_clean + alpha_j D), delta_i e_i>`` where the path moves
+  ``D = delta_i e_i`` (``path="single"``: each latent alone; tends to the exact effect as k grows
+  wherever ``m`` is continuous along the path) or ``D = delta`` (``path="joint"``: all latents
+  together, as in Marks et al. 2024; its attributions sum to ``m(v_corr) - m(v_clean)``,
+  *completeness*, up to the quadrature error).
+
+``space`` says what ``v`` is: ``"latent"`` (the latent activations ``f``: the model is smooth
+in them, the decoder being linear) or ``"pre"`` (pre-activations ``z`` with ``f = act(z)``, for
+SAEs with an elementwise ``activation``: ReLU, JumpReLU).  In pre-activation space a JumpReLU
+latent whose path crosses its threshold makes ``m`` jump, and a gradient never sees the jump.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [N, pos, vocab] -> [N]
+
+ELEMENTWISE = ("relu", "jumprelu")
+
+
+def logit_diff_metric(correct: torch.Tensor, wrong: torch.Tensor, pos: int | torch.Tensor = -1) -> Metric:
+    """``logits[n, pos_n, correct_n] - logits[n, pos_n, wrong_n]`` for a batch of B prompts, also on
+    batches of ``c * B`` rows (the prompts repeated c times). ``pos``: one index or one per prompt."""
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        n, B = logits.shape[0], len(correct)
+        rep = n // B
+        rows = torch.arange(n, device=logits.device)
+        p = pos.repeat(rep).to(logits.device) if isinstance(pos, torch.Tensor) else torch.full_like(rows, pos)
+        c, w = correct.repeat(rep).to(logits.device), wrong.repeat(rep).to(logits.device)
+        last = logits[rows, p]
+        return last[rows, c] - last[rows, w]
+
+    return metric
+
+
+@dataclass
+class PatchingProblem:
+    """Everything fixed across patchings: tokens, the clean error term, values at both ends."""
+
+    model: object
+    sae: object
+    hook: str
+    tokens: torch.Tensor  # [B, P] clean prompts
+    metric: Metric
+    positions: torch.Tensor  # [B, P] bool
+    err: torch.Tensor  # [B, P, d_in] clean SAE error
+    v_clean: torch.Tensor  # [B, P, d_sae]
+    v_corr: torch.Tensor  # [B, P, d_sae] (equal to v_clean outside positions)
+    space: str = "latent"
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.v_corr - self.v_clean
+
+    def features(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.space == "latent" else self.sae.activation(v)
+
+    def metric_at(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` [c*B, P, d_sae] (c copies of the batch) -> per-copy mean metric [c]."""
+        B = self.tokens.shape[0]
+        c = v.shape[0] // B
+        recon = self.sae.decode(self.features(v)) + self.err.repeat(c, 1, 1)
+
+        def hook(act, hook=None):  # noqa: ARG001
+            return recon.to(act.dtype)
+
+        logits = self.model.run_with_hooks(self.tokens.repeat(c, 1), fwd_hooks=[(self.hook, hook)],
+                                           return_type="logits")
+        return self.metric(logits).reshape(c, B).mean(1)
+
+    def grad_at(self, v: torch.Tensor) -> torch.Tensor:
+        """Gradient of the per-copy mean metric wrt ``v`` [c*B, P, d_sae] (same shape)."""
+        v = v.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            m = self.metric_at(v)
+            (g,) = torch.autograd.grad(m.sum(), v)
+        return g
+
+
+@torch.no_grad()
+def build_problem(model, sae, hook: str, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor,
+                  metric: Metric, positions: torch.Tensor | None = None, space: str = "latent") -> PatchingProblem:
+    """Cache clean and corrupted activations at ``hook`` and set up the patching problem."""
+    if clean_tokens.shape != corrupt_tokens.shape:
+        raise ValueError(f"clean {tuple(clean_tokens.shape)} and corrupted {tuple(corrupt_tokens.shape)} prompts "
+                         "must have the same shape (pick pairs with the same token count)")
+    if space not in ("latent", "pre"):
+        raise ValueError(f"space must be 'latent' or 'pre', got {space!r}")
+    if space == "pre" and getattr(sae, "architecture", "") not in ELEMENTWISE:
+        raise ValueError(f"space='pre' needs an elementwise activation ({ELEMENTWISE}); "
+                         f"{getattr(sae, 'architecture', '?')!r} SAEs: use space='latent'")
+    device = next(model.parameters()).device
+    clean_tokens, corrupt_tokens = clean_tokens.to(device), corrupt_tokens.to(device)
+    if positions is None:
+        positions = torch.ones(clean_tokens.shape, dtype=torch.bool)
+    positions = positions.to(device)
+    p = next(sae.parameters())
+    acts = {}
+    for name, toks in (("clean", clean_tokens), ("corrupt", corrupt_tokens)):
+        _, cache = model.run_with_cache(toks, names_filter=[hook])
+        acts[name] = cache[hook].to(p.device, p.dtype)
+    a = acts["clean"]
+    err = a - sae(a)
+
+    def value(x):
+        return sae.encode(x) if space == "latent" else sae.pre_acts(x)
+
+    v_clean = value(a)
+    v_corr = torch.where(positions[..., None], value(acts["corrupt"]), v_clean)
+    return PatchingProblem(model, sae, hook, clean_tokens, metric, positions, err, v_clean, v_corr, space)
+
+
+@dataclass
+class AttributionResult:
+    nodes: torch.Tensor  # [n] latent indices with a non-zero delta
+    exact: torch.Tensor  # [n]
+    attribution_patching: torch.Tensor  # [n]
+    ig: dict = field(default_factory=dict)  # k -> [n]
+    m_clean: float = 0.0
+    m_corrupt: float = 0.0  # every latent patched
+
+    def errors(self, estimate: torch.Tensor) -> dict[str, float]:
+        """``corr`` (Pearson) and ``mae`` of an estimate against the exact effects."""
+        e, x = estimate.double(), self.exact.double()
+        corr = float(torch.corrcoef(torch.stack([e, x]))[0, 1]) if len(x) > 1 else float("nan")
+        return {"corr": corr, "mae": float((e - x).abs().mean())}
+
+
+def _one_hot_paths(prob: PatchingProblem, nodes: torch.Tensor) -> torch.Tensor:
+    """[len(nodes)*B, P, d_sae]: delta restricted to one node per copy."""
+    d = prob.delta
+    out = torch.zeros((len(nodes),) + d.shape, dtype=d.dtype, device=d.device)
+    out[torch.arange(len(nodes)), ..., nodes] = d[..., nodes].permute(2, 0, 1)
+    return out.reshape((-1,) + d.shape[1:])
+
+
+@torch.no_grad()
+def exact_patching(prob: PatchingProblem, nodes: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """``m(v_clean + delta_i e_i) - m(v_clean)`` for each node (batched ``chunk`` nodes a pass)."""
+    m0 = prob.metric_at(prob.v_clean)[0]
+    out = []
+    for i in range(0, len(nodes), chunk):
+        sub = nodes[i: i + chunk]
+        v = prob.v_clean.repeat(len(sub), 1, 1) + _one_hot_paths(prob, sub)
+        out.append(prob.metric_at(v) - m0)
+    return torch.cat(out) if out else prob.v_clean.new_zeros(0)
+
+
+def attribution_patching(prob: PatchingProblem, nodes: torch.Tensor) -> torch.Tensor:
+    """``<grad m(v_clean), delta_i e_i>`` for each node."""
+    g = prob.grad_at(prob.v_clean)
+    return (g * prob.delta)[..., nodes].sum((0, 1))
+
+
+def integrated_gradients(prob: PatchingProblem, nodes: torch.Tensor, k: int, path: str = "joint",
+                         chunk: int = 32) -> torch.Tensor:
+    """IG with ``k`` midpoint steps from ``v_clean`` to the patched values (see the module docstring)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    alphas = (torch.arange(k, dtype=prob.v_clean.dtype, device=prob.v_clean.device) + 0.5) / k
+    B = prob.v_clean.shape[0]
+    if path == "joint":
+        out = torch.zeros(len(nodes), dtype=prob.v_clean.dtype, device=prob.v_clean.device)
+        for i in range(0, k, chunk):
+            a = alphas[i: i + chunk]
+            v = (prob.v_clean[None] + a[:, None, None, None] * prob.delta[None]).reshape((-1,) + prob.v_clean.shape[1:])
+            g = prob.grad_at(v).reshape((len(a),) + prob.v_clean.shape)
+            out += (g.sum(0) * prob.delta)[..., nodes].sum((0, 1))
+        return out / k
+    if path != "single":
+        raise ValueError(f"path must be 'joint' or 'single', got {path!r}")
+    out = []
+    per = max(1, chunk // k) if k < chunk else 1
+    for i in range(0, len(nodes), per):
+        sub = nodes[i: i + per]
+        D = _one_hot_paths(prob, sub).reshape((len(sub),) + prob.v_clean.shape)  # [s, B, P, m]
+        total = torch.zeros(len(sub), dtype=D.dtype, device=D.device)
+        for j in range(0, k, chunk):
+            a = alphas[j: j + chunk]
+            v = prob.v_clean[None, None] + a[None, :, None, None, None] * D[:, None]  # [s, a, B, P, m]
+            g = prob.grad_at(v.reshape((-1,) + prob.v_clean.shape[1:])).reshape(v.shape)
+            total += (g.sum(1) * D).sum((1, 2, 3))
+        out.append(total / k)
+    return torch.cat(out) if out else prob.v_clean.new_zeros(0)
+
+
+def active_nodes(prob: PatchingProblem) -> torch.Tensor:
+    """Latents whose value changes somewhere between clean and corrupted (the others have no effect)."""
+    return (prob.delta != 0).any(0).any(0).nonzero().squeeze(-1)
+
+
+def compare_methods(prob: PatchingProblem, ks=(1, 2, 4, 8, 16, 32, 64), path: str = "joint",
+                    nodes: torch.Tensor | None = None) -> AttributionResult:
+    """Exact, attribution patching and IG at each ``k`` for ``nodes`` (default: every active latent)."""
+    nodes = active_nodes(prob) if nodes is None else nodes
+    with torch.no_grad():
+        m_clean = float(prob.metric_at(prob.v_clean)[0])
+        m_corr = float(prob.metric_at(prob.v_corr)[0])
+    res = AttributionResult(nodes=nodes, exact=exact_patching(prob, nodes),
+                            attribution_patching=attribution_patching(prob, nodes), m_clean=m_clean, m_corrupt=m_corr)
+    for k in ks:
+        res.ig[k] = integrated_gradients(prob, nodes, k, path=path)
+    return res
+
+
+@torch.no_grad()
+def metric_along_path(prob: PatchingProblem, node: int, n_points: int = 101) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alphas [n_points], m(v_clean + alpha delta_node e_node) [n_points])``: ``m`` along one latent's path."""
+    alphas = torch.linspace(0, 1, n_points, dtype=prob.v_clean.dtype, device=prob.v_clean.device)
+    D = _one_hot_paths(prob, torch.tensor([node], device=prob.v_clean.device))
+    vals = []
+    for i in range(0, n_points, 32):
+        a = alphas[i: i + 32]
+        v = prob.v_clean[None] + a[:, None, None, None] * D[None]
+        vals.append(prob.metric_at(v.reshape((-1,) + prob.v_clean.shape[1:])))
+    return alphas, torch.cat(vals)
