@@ -13,12 +13,15 @@ compilation and first-touch costs are excluded) and stops when ``fit`` returns.
 Variants (each in its own subprocess, so peak memory is its own):
 
 - ``ours``: fp32, eager.
-- ``ours_tuned``: bf16 autocast + ``torch.compile`` of the loss.
+- ``ours_tuned``: bf16 autocast + ``torch.compile`` of the loss.  On a CPU without native bf16
+  matmuls (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` False, e.g. AVX2-only) bf16 is
+  emulated and many times slower, so both tuned variants then run in fp32 (compile and logging
+  off only); ``--tuned-dtype`` overrides.
 - ``saelens_shipped``: SAELens ``StandardTrainingSAE`` + ``SAETrainer`` as shipped: fp32, eager,
   W&B logging on (``log_to_wandb=True`` with ``WANDB_MODE=disabled``: the per-log-step metric
   computation runs, nothing is uploaded).
-- ``saelens_tuned``: bf16 autocast, ``torch.compile`` of ``training_forward_pass`` (what
-  SAELens's runner does with ``compile_sae=True``), logging off.
+- ``saelens_tuned``: bf16 autocast (same rule as above), ``torch.compile`` of
+  ``training_forward_pass`` (what SAELens's runner does with ``compile_sae=True``), logging off.
 
 Peak memory: CUDA ``max_memory_allocated``; on CPU the growth of peak RSS over the RSS just
 before training (so imports and the cached batches are not counted).
@@ -77,6 +80,15 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def default_tuned_dtype(device: str) -> str:
+    """bf16 where the hardware does bf16 matmuls natively, else fp32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 def run_variant(variant: str, args) -> dict:
     import torch
 
@@ -100,7 +112,8 @@ def run_variant(variant: str, args) -> dict:
         sae = make_sae(SAEConfig(d_in=args.d_in, d_sae=d_sae), seed=SEED).to(device)
         cfg = TrainConfig(total_tokens=total_steps * args.batch, batch_size=args.batch, lr=LR,
                           sparsity_coefficient=L1, sparsity_warmup_frac=0.0, lr_decay_frac=0.0, grad_clip=1.0,
-                          init_b_dec="zeros", log_every=10**9, autocast_dtype="bfloat16" if tuned else None,
+                          init_b_dec="zeros", log_every=10**9,
+                          autocast_dtype=args.tuned_dtype if tuned and args.tuned_dtype != "float32" else None,
                           compile=tuned)
         Trainer(sae, data, cfg).fit()
     else:
@@ -118,7 +131,8 @@ def run_variant(variant: str, args) -> dict:
         if shipped:
             wandb.init(mode="disabled")
         tcfg = SAETrainerConfig(total_training_samples=total_steps * args.batch, train_batch_size_samples=args.batch,
-                                lr=LR, lr_end=LR, device=str(device), autocast=not shipped,
+                                lr=LR, lr_end=LR, device=str(device),
+                                autocast=not shipped and args.tuned_dtype == "bfloat16",
                                 logger=LoggingConfig(log_to_wandb=shipped))
         SAETrainer(cfg=tcfg, sae=sae, data_provider=data).fit()
     sync(device)
@@ -157,13 +171,17 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on CPU, 10 on CUDA)")
     ap.add_argument("--n-batches", type=int, default=4, help="distinct cached batches, cycled")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the fastest is reported")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--tuned-dtype", choices=["bfloat16", "float32"], default=None,
+                    help="autocast dtype of the tuned variants (default: bf16 if the hardware has it)")
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.steps = args.steps or (50 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    args.tuned_dtype = args.tuned_dtype or default_tuned_dtype(args.device)
 
     if args.worker:
         try:
@@ -173,22 +191,36 @@ def main(argv=None) -> int:
         return 0
 
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for rep in range(args.repeats):  # interleaved, rotating order: drifts in machine load hit every variant
+        order = args.variants[rep % len(args.variants):] + args.variants[: rep % len(args.variants)]
+        for variant in order:
+            cmd = [sys.executable, __file__, *passthrough, "--worker", variant, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--tuned-dtype", args.tuned_dtype]
+            env = {**os.environ, "COMPENDIUM_QUIET": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1",
+                   "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            res = json.loads(line[-1][7:]) if line else {"variant": variant, "error": proc.stderr.strip()[-300:]}
+            runs[variant].append(res)
+            print(json.dumps(res), flush=True)
     results = []
-    for variant in args.variants:
-        cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               *passthrough]
-        env = {**os.environ, "COMPENDIUM_QUIET": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1",
-               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        res = json.loads(line[-1][7:]) if line else {"variant": variant, "error": proc.stderr.strip()[-300:]}
-        results.append(res)
-        print(json.dumps(res), flush=True)
+    for variant, rs in runs.items():  # the best of the repeats: the least disturbed measurement
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            results.append(rs[-1])
+            continue
+        best = dict(min(ok, key=lambda r: r["step_s"]))
+        best["peak_mem_mb"] = max(r["peak_mem_mb"] for r in ok)
+        best["step_s_all"] = [round(r["step_s"], 3) for r in ok]
+        results.append(best)
 
     d_sae = args.d_in * args.expansion
     print(f"\nSAE training step, ReLU SAE d_in={args.d_in} d_sae={d_sae} batch={args.batch}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, device: {device_name(args.device)}")
+          f"{args.steps} timed steps after {args.warmup} warm-up, device: {device_name(args.device)}; "
+          f"tuned variants: {'bf16 autocast' if args.tuned_dtype == 'bfloat16' else 'fp32 (no native bf16 here)'}, torch.compile, logging off")
     print(f"FLOPs/step = 10 * B * d_in * d_sae = {10 * args.batch * args.d_in * d_sae:.3e}")
+    print(f"best of {args.repeats} interleaved runs per variant (all step times in the JSON lines above)")
     print(f"{'variant':<17}{'step (s)':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'peak MB':>10}")
     by = {r["variant"]: r for r in results}
     for r in results:

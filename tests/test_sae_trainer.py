@@ -68,6 +68,25 @@ def test_dead_latents_are_tracked_and_resampled():
         assert int((sae.encode(batch)[:, :8] != 0).sum()) > 0  # they fire again
 
 
+def test_resampling_resets_the_gated_magnitude_path():
+    x, _ = sparse_data(n=512)
+    sae = make_sae(SAEConfig(d_in=16, d_sae=32, architecture="gated"), seed=0)
+    with torch.no_grad():
+        sae.b_enc[:8] = -1e3  # these gates never open
+        sae.r_mag[:8] = 3.0  # a stale magnitude scale and bias that a reborn latent must not inherit
+        sae.b_mag[:8] = -5.0
+    tr = Trainer(sae, TensorSource(x, 64), TrainConfig(total_tokens=64 * 6, batch_size=64, dead_after_tokens=256,
+                                                     sparsity_coefficient=0.0))
+    tr.fit()
+    assert tr.dead_mask[:8].all()
+    tr.resample_dead(x[:64])
+    with torch.no_grad():
+        assert (sae.r_mag[:8] == 0).all() and (sae.b_mag[:8] == 0).all()
+        for p in (sae.r_mag, sae.b_mag):
+            assert (tr.opt.state[p]["exp_avg"][:8] == 0).all()
+        assert int((sae.encode(x[:64])[:, :8] != 0).sum()) > 0
+
+
 class FlakySource:
     """A TensorSource that dies after ``fail_after`` batches, like a run killed mid-training."""
 

@@ -94,6 +94,7 @@ class SAE(nn.Module):
     """The ReLU SAE with decoder-bias centring; the base class of every architecture."""
 
     architecture = "relu"
+    nonnegative_latents = True  # true of every architecture here; one with signed latents sets False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -154,10 +155,13 @@ class SAE(nn.Module):
         return self.activation(pre), pre
 
     def sparsity_penalty(self, f: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        """Mean over tokens of the per-token penalty; ReLU: L1 ``sum_i |f_i| * ||W_dec[i]||``."""
+        """Mean over tokens of the per-token penalty; ReLU: L1 ``sum_i |f_i| * ||W_dec[i]||``.
+
+        ReLU latents are non-negative, so ``|f_i| = f_i`` (an architecture with signed latents
+        overrides this method)."""
         if self.cfg.normalize_decoder:
-            return f.abs().sum(-1).mean()
-        return (f.abs() * self.W_dec.norm(dim=-1)).sum(-1).mean()
+            return f.sum(-1).mean()
+        return (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
 
     def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
                  dead_mask: torch.Tensor | None) -> torch.Tensor:
@@ -175,7 +179,9 @@ class SAE(nn.Module):
         - ``"l2"``: ``mean_t ||x_hat - x||_2`` (the unsquared norm: scales like the L1 term).
 
         Keys: ``loss``, ``recon``, ``mse`` (always the summed MSE, detached), ``sparsity``,
-        ``aux``, ``l0`` (detached), ``features`` [batch, d_sae] and ``x_hat`` (both detached).
+        ``aux``, ``features`` [batch, d_sae] and ``x_hat`` (both detached).  Statistics such as
+        L0 are left to the caller (the trainer computes them only on logging steps: counting
+        non-zeros over a [batch, d_sae] tensor costs as much as a small matmul on a CPU).
         """
         self._check_input(x)
         f, pre = self.training_features(x)
@@ -198,7 +204,6 @@ class SAE(nn.Module):
             "mse": sq.mean().detach(),
             "sparsity": sparsity,
             "aux": aux,
-            "l0": (f != 0).sum(-1).float().mean().detach(),
             "features": f.detach(),
             "x_hat": x_hat.detach(),
         }

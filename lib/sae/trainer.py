@@ -157,7 +157,8 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             sae.apply_constraints_()
 
-            fired = (out["features"] != 0).any(0)
+            f = out["features"]
+            fired = f.sum(0) > 0 if sae.nonnegative_latents else (f != 0).any(0)  # the sum is one cheap pass
             self.tokens_since_fired += len(x)
             self.tokens_since_fired[fired] = 0
             self.step = step + 1
@@ -167,7 +168,7 @@ class Trainer:
                 self.resample_dead(x)
             if self.step % cfg.log_every == 0 or self.step == cfg.n_steps:
                 rec = {"step": self.step, "loss": out["loss"].item(), "mse": out["mse"].item(),
-                       "l0": out["l0"].item(), "frac_alive": 1.0 - float(self.dead_mask.float().mean()),
+                       "l0": (f != 0).sum(-1).float().mean().item(), "frac_alive": 1.0 - float(self.dead_mask.float().mean()),
                        "lr": self.lr_at(step), "coefficient": self.coefficient_at(step)}
                 self.history.append(rec)
                 bar.set_postfix(l0=f"{rec['l0']:.1f}", mse=f"{rec['mse']:.3g}", alive=f"{rec['frac_alive']:.2f}")
@@ -195,7 +196,12 @@ class Trainer:
         sae.W_dec[dead] = v.to(sae.W_dec.dtype)
         sae.W_enc[:, dead] = (0.2 * enc_norm * v.T).to(sae.W_enc.dtype)
         sae.b_enc[dead] = 0.0
-        for p in (sae.W_dec, sae.W_enc, sae.b_enc):
+        # per-latent parameters of other architectures go back to their initial values too
+        # (the gated SAE's magnitude path: r_mag = 0, i.e. the gate's own scale, and b_mag = 0)
+        extra = [getattr(sae, n) for n in ("r_mag", "b_mag") if isinstance(getattr(sae, n, None), torch.nn.Parameter)]
+        for p in extra:
+            p[dead] = 0.0
+        for p in (sae.W_dec, sae.W_enc, sae.b_enc, *extra):
             st = self.opt.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in st:
