@@ -134,3 +134,53 @@ def hook_names(model, layer: int | None = None) -> list[str]:
     if layer is not None:
         names = [n for n in names if n.startswith(f"blocks.{layer}.")]
     return names
+
+
+RESET_MODES = ("reinit", "shuffle")
+
+
+def reset_model(name_or_path: str | os.PathLike, mode: str = "reinit", seed: int = 0,
+                device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """The same architecture (and tokenizer) as ``name_or_path`` with its training destroyed: the
+    "reset network" control of the XOR experiments.
+
+    - ``"reinit"``: a fresh initialisation, the architecture's own Hugging Face initializer
+      seeded with ``seed``.
+    - ``"shuffle"``: the trained weights, each tensor permuted along its last dimension (one
+      random permutation per tensor).  Every weight keeps its values, so its scale and
+      distribution stay those of training; what training put where is gone.  This is what the
+      public XOR-probing code calls a reset network.
+
+    Returns a ``TransformerBridge`` like :func:`load_model`, with ``compendium_name``
+    ``"{name}@reset-{mode}-{seed}"``.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if mode not in RESET_MODES:
+        raise ValueError(f"mode must be one of {RESET_MODES}, got {mode!r}")
+    kind, location = resolve_model(name_or_path)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = dtype or torch.float32
+    if mode == "reinit":
+        config = AutoConfig.from_pretrained(location)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in hf.parameters():  # tied tensors appear once, so they stay tied
+                perm = torch.randperm(p.shape[-1], generator=gen)
+                p.copy_(p[..., perm].clone())
+    hf.eval()
+    bridge = TransformerBridge.boot_transformers(location, hf_model=hf, device=device, dtype=dtype)
+    bridge.eval()
+    bridge.compendium_name = f"{name_or_path}@reset-{mode}-{seed}"
+    bridge.compendium_kind = kind
+    return bridge

@@ -57,3 +57,35 @@ def test_toy_models_resolve_by_name():
         pytest.skip("no toy models built (run `make models`)")
     kind, location = resolve_model(names[0])
     assert kind == "toy" and location.endswith(names[0])
+
+
+def test_reset_models_keep_the_architecture_and_lose_the_training():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lib.models import load_model, paths, reset_model
+
+    trained = AutoModelForCausalLM.from_pretrained(paths.models_dir() / "toy-1l")
+    named = dict(trained.named_parameters())
+    tokens = torch.tensor([[0, 5, 6, 7, 8]])
+    base = load_model("toy-1l", device="cpu")
+    for mode in ("reinit", "shuffle"):
+        bridge = reset_model("toy-1l", mode, seed=3, device="cpu")
+        assert bridge.compendium_name == f"toy-1l@reset-{mode}-3"
+        hf = bridge.original_model
+        with torch.no_grad():  # the bridge runs the modified weights
+            torch.testing.assert_close(bridge(tokens, return_type="logits"), hf(tokens).logits)
+            assert (bridge(tokens, return_type="logits") - base(tokens, return_type="logits")).abs().max() > 1.0
+        w_name = [n for n in named if n.endswith("dense_h_to_4h.weight")][0]
+        w = [p for n, p in hf.named_parameters() if n.endswith("dense_h_to_4h._original_component.weight")
+             or n.endswith("dense_h_to_4h.weight")][0]
+        if mode == "shuffle":  # the same values in each row, in another order
+            torch.testing.assert_close(w.sort(-1).values, named[w_name].sort(-1).values)
+            assert not torch.equal(w, named[w_name])
+        else:  # the architecture's initializer: std ~ initializer_range
+            assert abs(float(w.detach().std()) - trained.config.initializer_range) < 0.005
+    a = reset_model("toy-1l", "reinit", seed=3, device="cpu")(tokens, return_type="logits")
+    b = reset_model("toy-1l", "reinit", seed=3, device="cpu")(tokens, return_type="logits")
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="mode"):
+        reset_model("toy-1l", "zero")

@@ -1,0 +1,151 @@
+"""Synthetic activations for two boolean features ``a, b``: when is ``a XOR b`` linearly readable?
+
+The model of the seed's discussion (Marks 2024 and its comments): the four cells ``(a, b)`` are
+class-conditional distributions around means that add up,
+
+    x | (a, b)  ~  D(a * mu_a + b * mu_b + c * (a XOR b) * mu_x, sigma)
+
+With ``c = 0`` the cell means are additive, ``mu_00 + mu_11 = mu_01 + mu_10``, so along every
+direction the two XOR classes have the same mean and, if each cell is concentrated around its
+mean (unimodal, mode = mean, spread small next to the mean differences), no line separates them:
+the best linear probe of ``a XOR b`` gets 3 of the 4 cells right, 75%.  ``c > 0`` adds an XOR
+direction ``mu_x`` and the probe reads XOR perfectly.  Large ``sigma`` blurs all of it.
+
+:func:`uniform_square` is the comments' counterexample to the four-point picture: ``x`` uniform
+on ``[0, 1]^2`` with ``a = x_1 > 1/2`` and ``b = x_2 > 1/2``.  Each cell is a flat square (no
+single mode, and the mode is not the mean), ``a`` and ``b`` are read perfectly, but ``a AND b``
+is no longer linearly readable, which the four-point argument says it must be: the line through
+the midpoint of the cell means (``x_1 + x_2 = 3/2``) gets 7/8, the best line (``x_1 + x_2 = 4/3``)
+11/12.
+Also from the comments: the variance of ``U([0,1]^2)`` is 1/12 along every direction, the
+diagonal included.
+
+Directions are orthonormal in ``R^d`` (the first two or three basis vectors), so ``sigma`` is
+measured in units of the mean difference of ``a`` (and of ``b``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FEATURES = ("a", "b", "a^b", "a&b")
+
+
+@dataclass
+class Clusters:
+    X: np.ndarray  # (n, d)
+    a: np.ndarray  # (n,) 0/1
+    b: np.ndarray
+
+    def feature(self, name: str) -> np.ndarray:
+        return {"a": self.a, "b": self.b, "a^b": self.a ^ self.b, "a&b": self.a & self.b}[name]
+
+
+def _cells(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows, the four cells equally often (n // 4 each, the rest spread), shuffled."""
+    cell = rng.permutation(np.arange(n) % 4)
+    return (cell >> 1) & 1, cell & 1
+
+
+def gaussian_clusters(n: int = 4000, *, sigma: float = 0.2, xor_strength: float = 0.0, d: int = 3,
+                      seed: int = 0) -> Clusters:
+    """Isotropic Gaussian cells: ``x = a e_1 + b e_2 + xor_strength (a^b) e_3 + sigma * N(0, I_d)``."""
+    if d < 3:
+        raise ValueError("d must be at least 3 (a, b and the XOR direction)")
+    rng = np.random.default_rng(seed)
+    a, b = _cells(n, rng)
+    X = sigma * rng.standard_normal((n, d))
+    X[:, 0] += a
+    X[:, 1] += b
+    X[:, 2] += xor_strength * (a ^ b)
+    return Clusters(X, a.astype(np.int64), b.astype(np.int64))
+
+
+def uniform_square(n: int = 4000, *, xor_strength: float = 0.0, d: int = 3, seed: int = 0) -> Clusters:
+    """``x_1, x_2 ~ U(0, 1)``, ``a = x_1 > 1/2``, ``b = x_2 > 1/2``; other coordinates 0 except
+    ``xor_strength * (a^b)`` on ``e_3``.  The cells are balanced by drawing each within its quadrant."""
+    rng = np.random.default_rng(seed)
+    a, b = _cells(n, rng)
+    X = np.zeros((n, d))
+    X[:, 0] = 0.5 * a + 0.5 * rng.random(n)
+    X[:, 1] = 0.5 * b + 0.5 * rng.random(n)
+    X[:, 2] = xor_strength * (a ^ b)
+    return Clusters(X, a.astype(np.int64), b.astype(np.int64))
+
+
+def linear_accuracy(data: Clusters, feature: str, test_fraction: float = 0.25, seed: int = 0) -> float:
+    """Held-out accuracy of a logistic-regression probe (with bias, weak regularisation) for ``feature``."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = data.feature(feature)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    k = int(round(test_fraction * len(y)))
+    test, train = order[:k], order[k:]
+    probe = LogisticRegression(C=100.0, max_iter=5000).fit(data.X[train], y[train])
+    return float((probe.predict(data.X[test]) == y[test]).mean())
+
+
+def best_threshold_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
+    """The best accuracy any threshold on the 1-D ``scores`` achieves (either orientation): the
+    ceiling of a linear probe along that one direction."""
+    order = np.argsort(scores, kind="stable")
+    ys = np.asarray(y)[order]
+    n, pos = len(ys), int(ys.sum())
+    # predict 1 above the cut: correct = zeros below + ones above
+    zeros_below = np.concatenate([[0], np.cumsum(1 - ys)])
+    ones_above = pos - np.concatenate([[0], np.cumsum(ys)])
+    acc = (zeros_below + ones_above) / n
+    return float(max(acc.max(), (1 - acc).max()))
+
+
+def constant_b_generalization(*, xor_strength: float, sigma: float = 0.3, n: int = 4000, d: int = 3,
+                              seed: int = 0) -> dict[str, float]:
+    """A probe for ``a`` trained on cells with ``b = 1`` only vs one trained on all four cells
+    (same number of rows), both tested on fresh ``b = 0`` rows.
+
+    Within ``b = 1`` the means of ``a=0`` and ``a=1`` differ by ``e_1 - xor_strength e_3``, so the
+    b-constant probe leans on the XOR direction; on ``b = 0`` that direction points the other way
+    (``e_1 + xor_strength e_3``) and the probe's margin is ``1 - xor_strength^2``: past
+    ``xor_strength = 1`` it is worse than chance.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    train = gaussian_clusters(2 * n, sigma=sigma, xor_strength=xor_strength, d=d, seed=seed)
+    test = gaussian_clusters(2 * n, sigma=sigma, xor_strength=xor_strength, d=d, seed=seed + 1)
+    const = np.flatnonzero(train.b == 1)
+    varied = np.random.default_rng(seed).choice(len(train.a), size=len(const), replace=False)
+    flipped = test.b == 0
+    out = {}
+    for name, rows in (("b_constant_train", const), ("b_varied_train", varied)):
+        probe = LogisticRegression(C=100.0, max_iter=5000).fit(train.X[rows], train.a[rows])
+        out[name] = float((probe.predict(test.X[flipped]) == test.a[flipped]).mean())
+    return out
+
+
+def best_linear_accuracy(data: Clusters, feature: str, n_angles: int = 720) -> float:
+    """The best accuracy of a threshold on any direction in the ``(e_1, e_2)`` plane, or on ``e_3``
+    alone (where the XOR direction lives): the ceiling a linear probe can reach in these
+    scenarios (a scan, so a lower bound on the exact optimum over all of ``R^d``)."""
+    y = data.feature(feature)
+    best = best_threshold_accuracy(data.X[:, 2], y) if data.X.shape[1] > 2 else 0.0
+    for theta in np.linspace(0.0, np.pi, n_angles, endpoint=False):
+        best = max(best, best_threshold_accuracy(np.cos(theta) * data.X[:, 0] + np.sin(theta) * data.X[:, 1], y))
+    return best
+
+
+def probe_report(data: Clusters, feature: str, test_fraction: float = 0.25, seed: int = 0) -> dict[str, float]:
+    """What the logistic probe of :func:`linear_accuracy` did: its accuracy on its own training rows
+    and on the held-out rows, and the norm of its weight vector (near 0: no direction found, the
+    boundary is a line through the data placed by sampling noise)."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = data.feature(feature)
+    order = np.random.default_rng(seed).permutation(len(y))
+    k = int(round(test_fraction * len(y)))
+    test, train = order[:k], order[k:]
+    probe = LogisticRegression(C=100.0, max_iter=5000).fit(data.X[train], y[train])
+    return {"train_accuracy": float((probe.predict(data.X[train]) == y[train]).mean()),
+            "test_accuracy": float((probe.predict(data.X[test]) == y[test]).mean()),
+            "weight_norm": float(np.linalg.norm(probe.coef_))}
