@@ -496,6 +496,19 @@ def _balanced_bits(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.permutation(bits)
 
 
+def _cities_with_bit(seed: int, min_population: int, negated: bool, bit: str, stream: int) -> pd.DataFrame:
+    """The cities rows with ``label`` and a 0/1 column ``bit`` balanced within each label, drawn
+    from its own random stream ``(seed, stream, negated)``."""
+    rng = np.random.default_rng([seed, stream, int(negated)])
+    frame = pd.DataFrame(_city_rows(seed, min_population))
+    frame["label"] = ((frame["country"] == frame["correct_country"]).astype(int) != int(negated)).astype(np.int64)
+    frame[bit] = 0
+    for lab in (0, 1):
+        idx = np.flatnonzero(frame["label"].to_numpy() == lab)
+        frame.loc[idx, bit] = _balanced_bits(rng, len(idx))
+    return frame
+
+
 def make_cities_alice(seed: int = 0, min_population: int = facts.DEFAULT_MIN_POPULATION,
                       negated: bool = False) -> pd.DataFrame:
     """City statements spoken by Alice or Bob: ``"Alice: The city of Lodz is in Poland."``.
@@ -507,15 +520,8 @@ def make_cities_alice(seed: int = 0, min_population: int = facts.DEFAULT_MIN_POP
     fact, the seed's example of a useful (not crazy) XOR.  ``negated=True`` gives the
     ``neg_cities_alice`` rows ("is not in"), with their own speaker draws.
     """
-    rows = _city_rows(seed, min_population)
-    rng = np.random.default_rng([seed, 101, int(negated)])
-    frame = pd.DataFrame(rows)
+    frame = _cities_with_bit(seed, min_population, negated, "has_alice", stream=101)
     frame["has_not"] = int(negated)
-    frame["label"] = ((frame["country"] == frame["correct_country"]).astype(int) != int(negated)).astype(np.int64)
-    frame["has_alice"] = 0
-    for lab in (0, 1):
-        idx = np.flatnonzero(frame["label"].to_numpy() == lab)
-        frame.loc[idx, "has_alice"] = _balanced_bits(rng, len(idx))
     frame["statement"] = [
         f"{'Alice' if a else 'Bob'}: " + templates.city(c, k, negated=negated)
         for a, c, k in zip(frame["has_alice"], frame["city"], frame["country"])
@@ -533,14 +539,7 @@ def make_cities_distractor(seed: int = 0, min_population: int = facts.DEFAULT_MI
     probes read, is the distractor word.  Columns as the cities dataset plus ``has_banana`` and
     ``label^has_banana``.
     """
-    rows = _city_rows(seed, min_population)
-    rng = np.random.default_rng([seed, 102, int(negated)])
-    frame = pd.DataFrame(rows)
-    frame["label"] = ((frame["country"] == frame["correct_country"]).astype(int) != int(negated)).astype(np.int64)
-    frame["has_banana"] = 0
-    for lab in (0, 1):
-        idx = np.flatnonzero(frame["label"].to_numpy() == lab)
-        frame.loc[idx, "has_banana"] = _balanced_bits(rng, len(idx))
+    frame = _cities_with_bit(seed, min_population, negated, "has_banana", stream=102)
     frame["statement"] = [
         templates.city(c, k, negated=negated) + (" banana" if b else " shed")
         for b, c, k in zip(frame["has_banana"], frame["city"], frame["country"])
