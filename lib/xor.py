@@ -265,3 +265,22 @@ def heatmaps(tables: Mapping[str, pd.DataFrame], title: str, zmin: float = 0.0, 
     fig.update_yaxes(title_text="layer (residual stream after)", autorange="reversed", row=1, col=1)
     fig.update_layout(title=title, margin={"t": 80, "b": 150})
     return fig
+
+
+# the trained model and the two controls of the seed's thread, in the order the tables show them
+NETWORKS: dict[str, str | None] = {"trained": None, "reset (re-initialised)": "reinit",
+                                   "reset (weights shuffled)": "shuffle"}
+
+
+def networks(model_name: str, reset_seed: int = 0, device=None, trained=None):
+    """Yield ``(name, model)`` for each of :data:`NETWORKS`, building each when it is reached, so
+    that a large model is in memory once at a time (pass an already loaded ``trained`` to reuse it)."""
+    from lib.models import load_model, reset_model
+
+    for name, mode in NETWORKS.items():
+        if mode is None:
+            model = trained if trained is not None else load_model(model_name, device=device)
+        else:
+            model = reset_model(model_name, mode, seed=reset_seed, device=device)
+        yield name, model
+        del model

@@ -219,3 +219,16 @@ def test_city_xor_datasets_by_name_and_on_disk(tmp_path):
     stamp = (out / "cities_alice.csv").stat().st_mtime_ns
     datasets.generate_city_xor_datasets(tmp_path)
     assert (out / "cities_alice.csv").stat().st_mtime_ns == stamp  # unchanged content is not rewritten
+
+
+def test_networks_yields_trained_then_the_two_resets(toy1):
+    tokens = torch.tensor([[0, 5, 6, 7]])
+    seen = {}
+    for name, m in xor.networks("toy-1l", reset_seed=1, device="cpu", trained=toy1):
+        with torch.no_grad():
+            seen[name] = m(tokens, return_type="logits")
+        if name == "trained":
+            assert m is toy1
+    assert list(seen) == list(xor.NETWORKS)
+    a, b, c = seen.values()
+    assert not torch.allclose(a, b) and not torch.allclose(a, c) and not torch.allclose(b, c)
