@@ -130,9 +130,19 @@ def logistic_newton(Z: np.ndarray, y: np.ndarray, C: float = 1.0, tol: float = 1
     return theta[:-1], float(theta[-1]), it
 
 
-def fit_probe(X: np.ndarray, y, train: np.ndarray, C: float = 1.0) -> Probe:
+NEWTON_MAX_DIM = 1024  # above this width a Newton step's (d x d) solve costs more than lbfgs's whole fit
+
+
+def fit_probe(X: np.ndarray, y, train: np.ndarray, C: float = 1.0, solver: str = "auto") -> Probe:
     """Logistic regression with a bias on ``X[train]`` standardised with the training rows' mean and
-    standard deviation (:func:`logistic_newton`, scikit-learn's objective)."""
+    standard deviation (scikit-learn's objective).
+
+    ``solver``: ``"newton"`` (:func:`logistic_newton`), ``"lbfgs"`` (scikit-learn, ``tol=1e-6``)
+    or ``"auto"``: Newton up to ``NEWTON_MAX_DIM`` dimensions (the toy models, GPT-2 small), lbfgs
+    beyond (each Newton step costs ``n d^2``: for a 5120-wide model, seconds per step).
+    """
+    if solver not in ("auto", "newton", "lbfgs"):
+        raise ValueError(f"solver must be 'auto', 'newton' or 'lbfgs', got {solver!r}")
     y = _bits(y)
     if len(np.unique(y[train])) < 2:
         raise ValueError("the training rows hold only one class of this feature; no probe can be fitted")
@@ -140,8 +150,14 @@ def fit_probe(X: np.ndarray, y, train: np.ndarray, C: float = 1.0) -> Probe:
     mean = Xt.mean(0)
     scale = Xt.std(0)
     scale[scale == 0] = 1.0
-    w, b, n_iter = logistic_newton((Xt - mean) / scale, y[train].astype(np.float64), C=C)
-    return Probe(mean, scale, w, b, n_iter)
+    Z = (Xt - mean) / scale
+    if solver == "newton" or (solver == "auto" and Z.shape[1] <= NEWTON_MAX_DIM):
+        w, b, n_iter = logistic_newton(Z, y[train].astype(np.float64), C=C)
+        return Probe(mean, scale, w, b, n_iter)
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=C, tol=1e-6, max_iter=5000).fit(Z, y[train])
+    return Probe(mean, scale, lr.coef_[0].astype(np.float64), float(lr.intercept_[0]), int(lr.n_iter_[0]))
 
 
 def probe_accuracy(X: np.ndarray, y, split: Split, C: float = 1.0) -> float:

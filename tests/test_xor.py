@@ -232,3 +232,17 @@ def test_networks_yields_trained_then_the_two_resets(toy1):
     assert list(seen) == list(xor.NETWORKS)
     a, b, c = seen.values()
     assert not torch.allclose(a, b) and not torch.allclose(a, c) and not torch.allclose(b, c)
+
+
+def test_fit_probe_solvers_agree_and_auto_switches_by_width(monkeypatch):
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((800, 10)) @ rng.standard_normal((10, 10))
+    y = (X[:, 0] + rng.standard_normal(800) > 0).astype(int)
+    train = np.arange(600)
+    newton, lbfgs = xor.fit_probe(X, y, train, solver="newton"), xor.fit_probe(X, y, train, solver="lbfgs")
+    np.testing.assert_allclose(newton.w, lbfgs.w, atol=1e-3)
+    assert (newton.predict(X[600:]) == lbfgs.predict(X[600:])).all()
+    monkeypatch.setattr(xor, "NEWTON_MAX_DIM", 5)  # narrower than X: auto takes lbfgs
+    np.testing.assert_array_equal(xor.fit_probe(X, y, train).w, lbfgs.w)
+    with pytest.raises(ValueError, match="solver"):
+        xor.fit_probe(X, y, train, solver="sgd")
