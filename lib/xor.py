@@ -53,13 +53,10 @@ def split_rows(frame: pd.DataFrame, groups: Sequence | pd.Series | None = None, 
         order = rng.permutation(n)
         k = int(round(test_fraction * n))
         return Split(np.sort(order[k:]), np.sort(order[:k]))
-    keys = pd.Series(list(groups)).astype(str).to_numpy()
-    if len(keys) != n:
-        raise ValueError(f"groups has {len(keys)} keys for {n} rows")
-    unique = np.unique(keys)
-    held = set(rng.permutation(unique)[: int(round(test_fraction * len(unique)))].tolist())
-    in_test = np.array([k in held for k in keys])
-    return Split(np.flatnonzero(~in_test), np.flatnonzero(in_test))
+    from lib.probes import train_test_indices  # the grouped split notebook 01 uses
+
+    train, test = train_test_indices(np.zeros(n, dtype=np.int64), test_fraction, seed=seed, groups=list(groups))
+    return Split(train, test)
 
 
 def _bits(y) -> np.ndarray:
