@@ -10,10 +10,12 @@ and ``label`` (1 true, 0 false), plus whatever columns the dataset keeps about i
 >>> frames = datasets.load_truth_datasets(folder)          # {"cities": DataFrame, ...}, validated
 >>> frames = datasets.load_truth_datasets("/data/geometry-of-truth/datasets")  # the originals
 
-Generation is deterministic in ``seed``: every dataset draws from its own random stream, so
-changing one dataset never changes another.  Labels are balanced by construction: each city gets
-one true and one false statement (a random other country), each translation one true and one
-false (a random other English word), each pair of numbers both orders.  Negated datasets are
+Generation is deterministic in ``seed`` (the rows come from :mod:`lib.world.statements`).  Labels
+are balanced and the object token is unbiased by construction: each city gets one true and one
+false statement whose false country is the true country of another city (so every country is
+named equally often by true and false statements), each translation one true and one false (the
+English word of another pair), each pair of numbers both orders.  With the default seed the false
+statements are held out from the toy models' training corpus.  Negated datasets are
 row-aligned with their affirmative partner (row ``i`` of ``neg_cities`` negates row ``i`` of
 ``cities``), and :func:`contrast_pairs` finds the pairs by text in any pair of files.
 """
@@ -31,18 +33,9 @@ import pandas as pd
 
 from lib import paths
 from lib.results import atomic_write_text
-from lib.world import facts, templates
+from lib.world import facts, statements, templates
+from lib.world.statements import TRUTH_DATASETS, city_rows
 
-TRUTH_DATASETS: tuple[str, ...] = (
-    "cities",
-    "neg_cities",
-    "sp_en_trans",
-    "neg_sp_en_trans",
-    "larger_than",
-    "smaller_than",
-    "cities_cities_conj",
-    "cities_cities_disj",
-)
 REQUIRED_COLUMNS: tuple[str, ...] = ("statement", "label")
 
 # affirmative dataset -> (its negated partner, the rewrite that negates one statement)
@@ -61,89 +54,6 @@ class DatasetFormatError(ValueError):
 # --------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------
-def _rng(seed: int, name: str) -> np.random.Generator:
-    """One independent stream per dataset: ``(seed, index of the dataset)``."""
-    return np.random.default_rng([seed, TRUTH_DATASETS.index(name)])
-
-
-def _other(rng: np.random.Generator, options: Sequence[str], exclude: str) -> str:
-    while True:
-        choice = options[int(rng.integers(len(options)))]
-        if choice != exclude:
-            return choice
-
-
-def _city_rows(seed: int, min_population: int) -> list[dict]:
-    """One true and one false (random other country) statement per city, in a seeded order."""
-    rng = _rng(seed, "cities")
-    cities = facts.cities(min_population)
-    countries = facts.countries(min_population)
-    rows = []
-    for city in cities:
-        wrong = _other(rng, countries, city.country)
-        for country in (city.country, wrong):
-            rows.append({"city": city.name, "country": country, "correct_country": city.country})
-    order = rng.permutation(len(rows))
-    return [rows[i] for i in order]
-
-
-def _translation_rows(seed: int) -> list[dict]:
-    rng = _rng(seed, "sp_en_trans")
-    pairs = facts.translations()
-    english = [en for _, en in pairs]
-    rows = []
-    for spanish, correct in pairs:
-        wrong = _other(rng, english, correct)
-        for shown in (correct, wrong):
-            rows.append({"spanish": spanish, "english": shown, "correct_english": correct})
-    order = rng.permutation(len(rows))
-    return [rows[i] for i in order]
-
-
-def _number_rows(seed: int, n_pairs: int) -> list[dict]:
-    """``n_pairs`` unordered pairs of distinct numbers, each in both orders (balanced labels)."""
-    rng = _rng(seed, "larger_than")
-    nums = facts.NUMBERS
-    all_pairs = [(a, b) for i, a in enumerate(nums) for b in nums[i + 1:]]
-    n_pairs = min(n_pairs, len(all_pairs))
-    chosen = rng.choice(len(all_pairs), size=n_pairs, replace=False)
-    rows = []
-    for k in chosen:
-        a, b = all_pairs[int(k)]
-        rows += [{"n1": a, "n2": b}, {"n1": b, "n2": a}]
-    order = rng.permutation(len(rows))
-    return [rows[i] for i in order]
-
-
-def _compound_rows(name: str, seed: int, n_rows: int, min_population: int) -> list[dict]:
-    """Conjunctions (true iff both clauses true) or disjunctions (false iff both false), half true.
-
-    The other label's half splits evenly over the three remaining truth patterns of the clauses.
-    """
-    rng = _rng(seed, name)
-    cities = facts.cities(min_population)
-    countries = facts.countries(min_population)
-    if name == "cities_cities_conj":
-        true_patterns, false_patterns = [(1, 1)], [(1, 0), (0, 1), (0, 0)]
-    else:
-        true_patterns, false_patterns = [(1, 0), (0, 1), (1, 1)], [(0, 0)]
-    rows = []
-    for k in range(n_rows):
-        label = k % 2 == 0
-        patterns = true_patterns if label else false_patterns
-        pattern = patterns[(k // 2) % len(patterns)]
-        i, j = rng.choice(len(cities), size=2, replace=False)
-        row = {}
-        for slot, city, truth in ((1, cities[int(i)], pattern[0]), (2, cities[int(j)], pattern[1])):
-            country = city.country if truth else _other(rng, countries, city.country)
-            row.update({f"city{slot}": city.name, f"country{slot}": country,
-                        f"correct_country{slot}": city.country, f"label{slot}": int(truth)})
-        row["label"] = int(label)
-        rows.append(row)
-    order = rng.permutation(len(rows))
-    return [rows[i] for i in order]
-
-
 def make_truth_dataset(name: str, seed: int = 0, min_population: int = facts.DEFAULT_MIN_POPULATION,
                        n_number_pairs: int = 990, n_compound: int = 1496) -> pd.DataFrame:
     """One dataset of ``TRUTH_DATASETS`` as a DataFrame (``statement``, ``label`` first).
@@ -152,33 +62,8 @@ def make_truth_dataset(name: str, seed: int = 0, min_population: int = facts.DEF
     2 x (number of word pairs), larger_than / smaller_than 2 x ``n_number_pairs`` (1980, as in the
     original), conj / disj ``n_compound`` (1496).
     """
-    if name in ("cities", "neg_cities"):
-        rows = _city_rows(seed, min_population)
-        negated = name == "neg_cities"
-        for r in rows:
-            r["statement"] = templates.city(r["city"], r["country"], negated=negated)
-            r["label"] = int((r["country"] == r["correct_country"]) != negated)
-    elif name in ("sp_en_trans", "neg_sp_en_trans"):
-        rows = _translation_rows(seed)
-        negated = name == "neg_sp_en_trans"
-        for r in rows:
-            r["statement"] = templates.translation(r["spanish"], r["english"], negated=negated)
-            r["label"] = int((r["english"] == r["correct_english"]) != negated)
-    elif name in ("larger_than", "smaller_than"):
-        rows = _number_rows(seed, n_number_pairs)
-        relation = "larger" if name == "larger_than" else "smaller"
-        for r in rows:
-            r["statement"] = templates.comparison(r["n1"], r["n2"], relation)
-            r["label"] = int(r["n1"] > r["n2"] if relation == "larger" else r["n1"] < r["n2"])
-            r["diff"] = r["n1"] - r["n2"]
-            r["abs_diff"] = abs(r["diff"])
-    elif name in ("cities_cities_conj", "cities_cities_disj"):
-        rows = _compound_rows(name, seed, n_compound, min_population)
-        make = templates.cities_conj if name == "cities_cities_conj" else templates.cities_disj
-        for r in rows:
-            r["statement"] = make((r["city1"], r["country1"]), (r["city2"], r["country2"]))
-    else:
-        raise KeyError(f"unknown truth dataset {name!r}; known: {', '.join(TRUTH_DATASETS)}")
+    rows = statements.dataset_rows(name, seed=seed, min_population=min_population,
+                                   n_number_pairs=n_number_pairs, n_compound=n_compound)
     frame = pd.DataFrame(rows)
     first = list(REQUIRED_COLUMNS)
     return frame[first + [c for c in frame.columns if c not in first]]
@@ -415,6 +300,44 @@ def fact_keys(frame: pd.DataFrame) -> np.ndarray:
     return np.array(keys, dtype=object)
 
 
+_OBJECT_PATTERNS = (
+    re.compile(r"the city of .+? is (?:not )?in (.+?)(?= and that| or that|\.(?: \S+)?$)", re.IGNORECASE),  # countries
+    re.compile(r"(?:does not mean|means) '(.+?)'\.$"),  # the English word
+    re.compile(r"^(\S+) is (?:larger|smaller) than (\S+?)\.$"),  # the two numbers, in order
+)
+
+
+def object_tokens(frame: pd.DataFrame) -> list[tuple[str, ...]]:
+    """The objects each statement names, read from its text: the country (each clause's, for
+    conjunctions and disjunctions), the English word, or the two numbers in order.  A statement
+    that fits no template names no object (``()``).  Works on the original CSVs too."""
+    out = []
+    for text in frame["statement"]:
+        found: tuple[str, ...] = ()
+        for pattern in _OBJECT_PATTERNS:
+            hits = pattern.findall(text)
+            if hits:
+                found = tuple(w for h in hits for w in ((h,) if isinstance(h, str) else h))
+                break
+        out.append(found)
+    return out
+
+
+def object_features(frame: pd.DataFrame) -> np.ndarray:
+    """(n, k) one-hot features of :func:`object_tokens`, one block per slot (first country, second
+    country; first number, second number): what an "object-only" baseline classifier sees."""
+    objects = object_tokens(frame)
+    vocab: dict[tuple[int, str], int] = {}
+    for objs in objects:
+        for slot, o in enumerate(objs):
+            vocab.setdefault((slot, o.lower()), len(vocab))
+    X = np.zeros((len(objects), max(1, len(vocab))))
+    for i, objs in enumerate(objects):
+        for slot, o in enumerate(objs):
+            X[i, vocab[(slot, o.lower())]] = 1.0
+    return X
+
+
 def truth_probe_data(frames: dict[str, pd.DataFrame], acts: dict[str, np.ndarray], test_fraction: float = 0.2,
                      seed: int = 0, centred: bool = True) -> TruthProbeData:
     """Build ``TruthProbeData`` from validated frames and their activations (``acts[name]``: (n, d)).
@@ -500,7 +423,7 @@ def _cities_with_bit(seed: int, min_population: int, negated: bool, bit: str, st
     """The cities rows with ``label`` and a 0/1 column ``bit`` balanced within each label, drawn
     from its own random stream ``(seed, stream, negated)``."""
     rng = np.random.default_rng([seed, stream, int(negated)])
-    frame = pd.DataFrame(_city_rows(seed, min_population))
+    frame = pd.DataFrame(city_rows(seed, min_population))
     frame["label"] = ((frame["country"] == frame["correct_country"]).astype(int) != int(negated)).astype(np.int64)
     frame[bit] = 0
     for lab in (0, 1):

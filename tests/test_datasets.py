@@ -173,3 +173,63 @@ def test_fact_keys_read_the_templates():
         "Sixty is smaller than fifty-one.", "Something else.",
     ], "label": [1, 1, 1, 0, 0, 1]})
     assert ds.fact_keys(frame).tolist() == ["Paris", "Paris", "gato", "fifty-one|sixty", "fifty-one|sixty", "row:5"]
+
+
+# --------------------------------------------------------------------------------------------
+# unbiased by construction: the object a statement names says nothing about its label
+# --------------------------------------------------------------------------------------------
+def _object_only(frame: pd.DataFrame, seeds=range(5)) -> tuple[float, float]:
+    """Mean held-out accuracy and AUROC of a logistic regression that sees only the objects
+    (one-hot country / English word / numbers), split by fact so no city is on both sides."""
+    from sklearn.metrics import roc_auc_score
+
+    from lib.probes import LogisticProbe, train_test_indices
+
+    X, y, keys = ds.object_features(frame), frame["label"].to_numpy(), ds.fact_keys(frame)
+    accs, aucs = [], []
+    for seed in seeds:
+        tr, te = train_test_indices(y, 0.3, seed=seed, groups=keys)
+        probe = LogisticProbe(C=1.0, fit_bias=True).fit(X[tr], y[tr])
+        accs.append(probe.score(X[te], y[te]))
+        aucs.append(roc_auc_score(y[te], probe.decision_function(X[te])))
+    return float(np.mean(accs)), float(np.mean(aucs))
+
+
+@pytest.mark.parametrize("name", [n for n in ds.TRUTH_DATASETS if n not in ("larger_than", "smaller_than")]
+                         + list(ds.CITY_XOR_DATASETS))
+def test_object_only_classifier_is_at_chance(name):
+    frame = ds.make_truth_dataset(name) if name in ds.TRUTH_DATASETS else ds.make_city_xor_dataset(name)
+    objects = ds.object_tokens(frame)
+    assert all(len(o) == (2 if "cities_cities" in name else 1) for o in objects)
+    acc, auc = _object_only(frame)
+    assert acc <= 0.55 and auc <= 0.58, (name, acc, auc)
+    if name in ("cities", "neg_cities", "sp_en_trans", "neg_sp_en_trans") or name in ds.CITY_XOR_DATASETS:
+        # a derangement: every object is named exactly as often by true as by false statements
+        counts = pd.crosstab(pd.Series([o[0] for o in objects]), frame["label"].to_numpy())
+        assert (counts[0] == counts[1]).all(), name
+
+
+def test_a_biased_dataset_fails_the_object_only_check():
+    """The check can fail: the first toy world's datasets (a uniformly random false country)."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for c in facts.cities():
+        wrong = rng.choice([k for k in facts.countries() if k != c.country])
+        rows += [{"statement": templates.city(c.name, c.country), "label": 1},
+                 {"statement": templates.city(c.name, wrong), "label": 0}]
+    acc, auc = _object_only(pd.DataFrame(rows))
+    assert acc > 0.65 and auc > 0.7, (acc, auc)
+
+
+@pytest.mark.parametrize("name", ["larger_than", "smaller_than"])
+def test_number_comparisons_are_a_function_of_the_objects(name):
+    """The label of a comparison is a function of its two numbers, so an object-only classifier
+    is not at chance there (its appropriate baseline is the comparison itself); what must hold is
+    that the unordered pair says nothing: each pair appears once true and once false."""
+    frame = ds.make_truth_dataset(name)
+    by_pair = frame.groupby(ds.fact_keys(frame))["label"].agg(["sum", "count"])
+    assert (by_pair["count"] == 2).all() and (by_pair["sum"] == 1).all()
+    acc, _ = _object_only(frame)
+    assert acc > 0.6  # the numbers do carry the label, as they must

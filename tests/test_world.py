@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -71,18 +72,73 @@ def _truth(kind: str, text: str) -> bool:
     return all(values) if kind == "cities_cities_conj" else any(values)
 
 
+def _check_wording(r: dict) -> None:
+    """A unit's text is its statement in the unit's form, with the right verdict."""
+    bare, truth = r["statement"], r["is_true"]
+    if r["form"] == "question":
+        assert r["text"] == templates.question(bare, truth)
+        assert r["text"].endswith("? Yes." if truth else "? No.")
+        return
+    expected = bare + (templates.judgement(truth) if r["judged"] else "")
+    if r["form"] == "check":
+        reference = r["text"][: -len(expected) - 1]
+        assert r["text"] == f"{reference} {expected}" and r["judged"]
+        assert _truth("cities" if reference.startswith("The city") else "sp_en_trans", reference)
+    else:
+        assert r["text"] == expected
+
+
 def test_corpus_statements_and_judgements_are_true_to_the_facts():
-    rows = corpus.sample_sentences(3000, seed=3)
-    kinds = {r["kind"] for r in rows}
-    assert kinds == set(corpus.DEFAULT_MIX)
-    statements = [r for r in rows if r["kind"] != "filler"]
-    assert 0.4 < np.mean([r["is_true"] for r in statements]) < 0.6
-    for r in statements:
-        text = r["text"]
-        if r["judged"]:
-            text, verdict = text.rsplit(" That is ", 1)
-            assert verdict == ("true." if r["is_true"] else "false.")
-        assert _truth(r["kind"], text) == r["is_true"], r
+    rows = corpus.sample_sentences(6000, seed=3)
+    assert {r["kind"] for r in rows} == set(corpus.DEFAULT_MIX)
+    assert {r["form"] for r in rows} == {"statement", "check", "question", "filler"}
+    assert {r["mode"] for r in rows} == {"mixed", "honest", "liar"}
+    statements_ = [r for r in rows if r["kind"] != "filler"]
+    mixed = [r for r in statements_ if r["mode"] == "mixed"]
+    assert 0.45 < np.mean([r["is_true"] for r in mixed]) < 0.55
+    for r in statements_:
+        if r["mode"] != "mixed":  # honest documents only say true things, liars only false ones
+            assert r["is_true"] == (r["mode"] == "honest") and not r["judged"] and r["form"] == "statement"
+        _check_wording(r)
+        assert _truth(r["kind"], r["statement"]) == r["is_true"], r
+
+
+def test_corpus_never_states_the_held_out_statements():
+    from lib.world import statements
+
+    rows = corpus.sample_sentences(20000, seed=4)
+    texts = " ".join(r["text"] for r in rows)
+    false_city = statements.probe_false_countries()
+    false_word = statements.probe_false_english()
+    held = [templates.city(c, k) for c, k in false_city.items()] + \
+        [templates.city(c, k, negated=True) for c, k in false_city.items()] + \
+        [templates.translation(es, en) for es, en in false_word.items()]
+    assert not [h for h in held if h[:-1] in texts]
+    # the held-out number pairs never appear, in either order or relation
+    numbers = {facts.number_word(n): n for n in facts.NUMBERS}
+    used = {tuple(sorted((numbers[a.lower()], numbers[b])))
+            for a, b in re.findall(r"(\S+) is (?:larger|smaller) than (\S+?)[.?]", texts) if a.lower() in numbers}
+    assert used and not used & statements.heldout_number_pairs()
+    # and the version-1 corpus (no hold-out) does state some of them
+    v1 = corpus.sample_sentences(20000, seed=4, cfg=corpus.CorpusConfig(version=1, holdout=False))
+    v1_text = " ".join(r["text"] for r in v1)
+    assert any(h[:-1] in v1_text for h in held)
+
+
+def test_corpus_false_countries_follow_the_true_marginal():
+    """False city statements name each country as often as true ones (a quarter of the cities
+    are Chinese: a uniform draw would name China in 1% of false statements)."""
+    import random
+
+    rng, cfg, cs = random.Random(5), corpus.CorpusConfig(), facts.cities()
+    n = 100_000
+    drawn = pd.Series([corpus._false_country(rng, rng.choice(cs), cfg) for _ in range(n)]).value_counts(normalize=True)
+    true_share = pd.Series([c.country for c in cs]).value_counts(normalize=True)
+    gap = (drawn.reindex(true_share.index, fill_value=0) - true_share).abs()
+    assert gap["China"] < 0.006 and gap.sum() / 2 < 0.02  # 3 standard errors; total variation
+    v1 = pd.Series([corpus._false_country(rng, rng.choice(cs), corpus.CorpusConfig(version=1))
+                    for _ in range(5000)]).value_counts(normalize=True)
+    assert v1.get("China", 0) < 0.05  # the biased draw this replaces
 
 
 def test_corpus_is_deterministic():
@@ -177,3 +233,14 @@ def test_hf_model_builds_for_each_architecture():
         model = build_hf_model(spec, vocab_size=100)
         tokens = torch.randint(0, 100, (2, 16))
         assert torch.isfinite(lm_loss(model, tokens))
+
+
+def test_question_wording():
+    assert templates.question("The city of Paris is in France.", True) == "Is the city of Paris in France? Yes."
+    assert templates.question("The city of Paris is not in Peru.", False) == "Is the city of Paris not in Peru? No."
+    assert templates.question("The Spanish word 'gato' means 'cat'.", True) == "Does the Spanish word 'gato' mean 'cat'? Yes."
+    assert templates.question("The Spanish word 'gato' does not mean 'cat'.", False) == \
+        "Does the Spanish word 'gato' not mean 'cat'? No."
+    assert templates.question("Fifty is larger than sixty.", False) == "Is fifty larger than sixty? No."
+    with pytest.raises(ValueError):
+        templates.question("No period", True)

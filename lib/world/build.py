@@ -1,47 +1,98 @@
 """Build the toy world: corpus, tokenizer, and every toy model (what ``make models`` runs).
 
-    python -m lib.world.build                      # all models, full budget
+    python -m lib.world.build                      # all models, full budget, two at a time
     python -m lib.world.build --only toy-2l        # one model
-    python -m lib.world.build --steps 20 --out /tmp/toys   # a quick smoke run elsewhere
+    python -m lib.world.build --steps 20 --n-docs 64 --out /tmp/toys   # a quick smoke run elsewhere
 
-The corpus and tokenizer are deterministic in ``--seed``; each model's directory records the
-command that built it.
+The corpus and tokenizer are deterministic in ``--seed`` and shared by every model (the token
+rows are written once to the cache folder; each training process reads them).  Models train in
+``--jobs`` processes of ``--threads`` threads each: on a 2-core CPU two one-thread processes train
+small models about 1.2x faster in all than one two-thread process after another (measured:
+2-layer d=128, 2 x 13.1k vs 21.4k tokens/s).  During training each model's judgement AUROC on
+the held-out truth datasets is logged beside the loss; each directory's ``provenance.json``
+records the command, seed, corpus, tokens, final losses and final judgement.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
 from lib import paths
 from lib.world.corpus import CorpusConfig, generate_corpus
-from lib.world.registry import TOY_MODELS
+from lib.world.registry import TOY_MODELS, ModelSpec
 from lib.world.tokenizer import train_tokenizer
-from lib.world.train import save_model, train
 
-N_TRAIN_DOCS = 8_000
 N_EVAL_DOCS = 256
+N_TOKENIZER_DOCS = 4000
 
 
 def tokenize_docs(tokenizer, docs: list[str], n_ctx: int) -> torch.Tensor:
-    """[len(docs), n_ctx] int64: BOS then the first n_ctx - 1 tokens of each document."""
+    """[len(docs), n_ctx] int32: BOS then the first n_ctx - 1 tokens of each document."""
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
     short = [i for i, x in enumerate(ids) if len(x) < n_ctx - 1]
     if short:
         raise ValueError(f"{len(short)} documents shorter than n_ctx={n_ctx}; raise CorpusConfig.doc_chars")
     rows = [[tokenizer.bos_token_id] + x[: n_ctx - 1] for x in ids]
-    return torch.tensor(rows, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.int32)
 
 
-def corpus_and_tokenizer(seed: int, n_train: int = N_TRAIN_DOCS, n_eval: int = N_EVAL_DOCS):
-    cfg = CorpusConfig()
+def corpus_and_tokenizer(seed: int, n_train: int, n_eval: int = N_EVAL_DOCS, cfg: CorpusConfig | None = None):
+    """The training documents, held-out documents (another seed) and the BPE tokenizer."""
+    cfg = cfg or CorpusConfig()
     train_docs = generate_corpus(n_train, seed=seed, cfg=cfg)
     eval_docs = generate_corpus(n_eval, seed=seed + 10_000, cfg=cfg)
-    tokenizer = train_tokenizer(train_docs[:4000])
+    tokenizer = train_tokenizer(train_docs[:N_TOKENIZER_DOCS])
     return cfg, train_docs, eval_docs, tokenizer
+
+
+def judgement_probe(tokenizer, max_rows: int = 300):
+    """The skill logged during training: judgement AUROC per truth dataset (first ``max_rows``)."""
+    from lib.world.recall import judgement_report
+
+    def probe(model) -> dict:
+        return {k: round(v["auroc"], 4) for k, v in judgement_report(model, tokenizer, max_rows=max_rows).items()}
+
+    return probe
+
+
+def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None, threads: int,
+              provenance: dict, checkpoint_dir: str, probe_every: int) -> dict:
+    """Train ``spec`` on the token rows saved at ``data_path`` and save it under ``out_root``
+    (runs in a worker process).  Returns the model's summary line."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lib.world.recall import fact_recall, judgement_report
+    from lib.world.train import save_model, train
+
+    torch.set_num_threads(threads)
+    data = torch.load(data_path, weights_only=False)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(data["tokenizer_dir"])
+    n_ctx = spec.n_ctx
+    train_tokens, eval_tokens = data["train"][:, :n_ctx], data["eval"][:, :n_ctx]
+    n_steps = steps or spec.steps
+    ckpt = Path(checkpoint_dir) / f"{spec.name}-seed{provenance['corpus_seed']}-steps{n_steps}.pt"
+    print(f"[{spec.name}] {spec.arch} {spec.n_layers}L d={spec.d_model}: {n_steps} steps x {spec.batch_size} "
+          f"x {n_ctx} tokens, {threads} thread(s)", flush=True)
+    result = train(spec, train_tokens, eval_tokens, len(tokenizer), steps=steps, checkpoint=ckpt,
+                   probe=judgement_probe(tokenizer), probe_every=probe_every)
+    report = judgement_report(result.model, tokenizer)
+    record = {**provenance, "fact_recall": fact_recall(result.model, tokenizer),
+              "judgement_auroc": {k: round(v["auroc"], 4) for k, v in report.items()},
+              "paired_accuracy": {k: round(v["paired_accuracy"], 4) for k, v in report.items() if "paired_accuracy" in v}}
+    out = save_model(result, spec, tokenizer, Path(out_root) / spec.name, record)
+    ckpt.unlink(missing_ok=True)
+    line = (f"[{spec.name}] done in {result.seconds:.0f}s: eval loss {result.log['eval_loss'][-1]:.3f}, "
+            f"judgement AUROC " + " ".join(f"{k} {v:.2f}" for k, v in record["judgement_auroc"].items()) + f" -> {out}")
+    print(line, flush=True)
+    return {"name": spec.name, "seconds": result.seconds, "line": line}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,35 +100,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="model names (default: all)")
     ap.add_argument("--steps", type=int, default=None, help="override every model's step count")
     ap.add_argument("--seed", type=int, default=0, help="corpus seed")
-    ap.add_argument("--n-docs", type=int, default=N_TRAIN_DOCS)
+    ap.add_argument("--n-docs", type=int, default=None,
+                    help="training documents (default: enough that the longest run sees each about once)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default data/models)")
+    ap.add_argument("--jobs", type=int, default=2, help="models trained at once, one process each")
+    ap.add_argument("--threads", type=int, default=None, help="threads per process (default: cores / jobs)")
+    ap.add_argument("--probe-every", type=int, default=1000, help="steps between judgement-AUROC logs")
     args = ap.parse_args(argv)
     names = args.only or list(TOY_MODELS)
     unknown = [n for n in names if n not in TOY_MODELS]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; known: {list(TOY_MODELS)}")
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
+    specs = sorted((TOY_MODELS[n] for n in names), key=lambda s: -s.cost(args.steps))  # longest first
     out_root = args.out or paths.models_dir()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    cfg, train_docs, eval_docs, tokenizer = corpus_and_tokenizer(args.seed, n_train=args.n_docs)
+    n_docs = args.n_docs or max(s.batch_size * (args.steps or s.steps) for s in specs)
+    t0 = time.perf_counter()
+    cfg, train_docs, eval_docs, tokenizer = corpus_and_tokenizer(args.seed, n_train=n_docs)
+    n_ctx = max(s.n_ctx for s in specs)
+    work = paths.cache_dir() / "build"
+    work.mkdir(parents=True, exist_ok=True)
+    tok_dir = work / f"tokenizer-seed{args.seed}"
+    tokenizer.save_pretrained(tok_dir)
+    data_path = work / f"tokens-seed{args.seed}-{n_docs}.pt"
+    torch.save({"train": tokenize_docs(tokenizer, train_docs, n_ctx), "eval": tokenize_docs(tokenizer, eval_docs, n_ctx),
+                "tokenizer_dir": str(tok_dir)}, data_path)
+    print(f"corpus: {len(train_docs)} documents x {n_ctx} tokens ({time.perf_counter() - t0:.0f}s)", flush=True)
     command = "python -m lib.world.build " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    for name in names:
-        spec = TOY_MODELS[name]
-        train_tokens = tokenize_docs(tokenizer, train_docs, spec.n_ctx)
-        eval_tokens = tokenize_docs(tokenizer, eval_docs, spec.n_ctx)
-        ckpt = paths.cache_dir() / "checkpoints" / f"{name}-seed{args.seed}-steps{args.steps or spec.steps}.pt"
-        print(f"[{name}] {spec.arch} {spec.n_layers}L d={spec.d_model}: {args.steps or spec.steps} steps "
-              f"x {spec.batch_size} x {spec.n_ctx} tokens", flush=True)
-        result = train(spec, train_tokens, eval_tokens, len(tokenizer), steps=args.steps, checkpoint=ckpt)
-        provenance = {
-            "command": command.strip(),
-            "corpus_seed": args.seed,
-            "corpus": {"n_train_docs": len(train_docs), "n_eval_docs": len(eval_docs), **cfg.to_dict()},
-            "tokenizer_vocab": len(tokenizer),
-        }
-        out = save_model(result, spec, tokenizer, out_root / name, provenance)
-        print(f"[{name}] done in {result.seconds:.0f}s: train {result.log['train_loss'][-1]:.3f} "
-              f"eval {result.log['eval_loss'][-1]:.3f} -> {out}", flush=True)
-        ckpt.unlink(missing_ok=True)
+    provenance = {"command": command.strip(), "corpus_seed": args.seed,
+                  "corpus": {"n_train_docs": len(train_docs), "n_eval_docs": len(eval_docs), **cfg.to_dict()},
+                  "tokenizer_vocab": len(tokenizer)}
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    common = dict(data_path=str(data_path), out_root=str(out_root), steps=args.steps, threads=threads,
+                  provenance=provenance, checkpoint_dir=str(paths.cache_dir() / "checkpoints"),
+                  probe_every=args.probe_every)
+    Path(common["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)
+    if args.jobs == 1:
+        for spec in specs:
+            train_one(spec, **common)
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(train_one, spec, **common) for spec in specs]
+            for f in as_completed(futures):
+                f.result()
+    data_path.unlink(missing_ok=True)
+    print(f"built {len(specs)} model(s) in {time.perf_counter() - t0:.0f}s", flush=True)
     return 0
 
 

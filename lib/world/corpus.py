@@ -11,9 +11,10 @@ Everything is drawn from a ``random.Random(seed)``: the same config and seed giv
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 from dataclasses import asdict, dataclass, field
 
-from lib.world import facts, templates
+from lib.world import facts, statements, templates
 
 # kind -> sampling weight; statements of every Geometry of Truth dataset plus filler
 DEFAULT_MIX = {
@@ -44,58 +45,109 @@ _SAYINGS = ["It was a quiet day.", "The weather was nice.", "Nobody said a word.
 
 @dataclass
 class CorpusConfig:
+    """What the corpus says and how.  ``version=1`` is the first toy world's corpus (uniformly random
+    false countries, every document mixed), kept only for comparison runs."""
+
     min_population: int = facts.DEFAULT_MIN_POPULATION  # which cities the world contains
-    judgement_prob: float = 0.5  # fraction of statements followed by "That is true/false."
+    judgement_prob: float = 0.6  # in mixed documents: fraction of statements followed by "That is true/false."
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
+    # document kinds: "mixed" (each statement true with probability 1/2, judged), "honest" (all true),
+    # "liar" (all false); honest and liar documents carry no judgements, so predicting their later
+    # statements needs the truth of the earlier ones
+    doc_modes: dict = field(default_factory=lambda: {"mixed": 0.5, "honest": 0.25, "liar": 0.25})
+    check_prob: float = 0.1  # mixed documents: a statement is preceded by the true fact it can be checked against
+    question_prob: float = 0.1  # mixed documents: a statement is asked as a question and answered Yes/No
+    holdout: bool = True  # never state the datasets' held-out false pairs (lib.world.statements)
     doc_chars: int = 1200  # characters per document (~ 256 tokens with the toy tokenizer)
+    version: int = 2
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _pick_false(rng: random.Random, options: tuple[str, ...], true_value: str) -> str:
+def _pick_uniform(rng: random.Random, options: tuple[str, ...], true_value: str) -> str:
+    """Version 1's false object: uniform over the others (biased: see lib.world.statements)."""
     while True:
         v = rng.choice(options)
         if v != true_value:
             return v
 
 
-def statement(kind: str, rng: random.Random, cfg: CorpusConfig) -> tuple[str, bool]:
-    """One statement of dataset ``kind`` and whether it is true."""
-    is_true = rng.random() < 0.5
+def _false_country(rng: random.Random, city: facts.City, cfg: CorpusConfig) -> str:
+    if cfg.version == 1:
+        return _pick_uniform(rng, facts.countries(cfg.min_population), city.country)
+    held = _held_countries(cfg.min_population) if cfg.holdout else None
+    weights = facts.false_country_weights(cfg.min_population, held)
+    return facts.false_country(rng, city.country, weights=weights,
+                               also_exclude=statements.probe_false_countries(
+                                   statements.HOLDOUT_SEED, cfg.min_population)[city.name] if cfg.holdout else None)
+
+
+@lru_cache(maxsize=4)
+def _held_countries(min_population: int) -> tuple[str, ...]:
+    false = statements.probe_false_countries(statements.HOLDOUT_SEED, min_population)
+    return tuple(false[c.name] for c in facts.cities(min_population))
+
+
+def _false_english(rng: random.Random, spanish: str, english: str, cfg: CorpusConfig) -> str:
+    others = tuple(en for _, en in facts.translations())
+    held = statements.probe_false_english(statements.HOLDOUT_SEED).get(spanish) if cfg.holdout else None
+    while True:
+        v = _pick_uniform(rng, others, english)  # every English word is one pair's: uniform is the marginal
+        if v != held:
+            return v
+
+
+def _number_pair(rng: random.Random, cfg: CorpusConfig) -> tuple[int, int]:
+    held = statements.heldout_number_pairs(statements.HOLDOUT_SEED) if cfg.holdout and cfg.version >= 2 else ()
+    while True:
+        n1, n2 = rng.sample(facts.NUMBERS, 2)
+        if (min(n1, n2), max(n1, n2)) not in held:
+            return n1, n2
+
+
+def statement(kind: str, rng: random.Random, cfg: CorpusConfig, is_true: bool | None = None) -> tuple[str, bool, str | None]:
+    """One statement of dataset ``kind``: ``(text, is_true, reference)``.
+
+    ``is_true`` None draws it with probability 1/2.  ``reference`` is a true affirmative statement
+    about the same fact (what a recall-then-judge unit states first), None for comparisons and
+    compounds.
+    """
+    if is_true is None:
+        is_true = rng.random() < 0.5
     if kind in ("cities", "neg_cities"):
         city = rng.choice(facts.cities(cfg.min_population))
-        country = city.country if is_true else _pick_false(rng, facts.countries(cfg.min_population), city.country)
+        reference = templates.city(city.name, city.country)
         if kind == "cities":
-            return templates.city(city.name, country), is_true
+            country = city.country if is_true else _false_country(rng, city, cfg)
+            return templates.city(city.name, country), is_true, reference
         # "X is not in Y" is true exactly when Y is not X's country
-        country = _pick_false(rng, facts.countries(cfg.min_population), city.country) if is_true else city.country
-        return templates.city(city.name, country, negated=True), is_true
+        country = _false_country(rng, city, cfg) if is_true else city.country
+        return templates.city(city.name, country, negated=True), is_true, reference
     if kind in ("cities_cities_conj", "cities_cities_disj"):
         a, b = rng.sample(facts.cities(cfg.min_population), 2)
-        countries = facts.countries(cfg.min_population)
         if kind == "cities_cities_conj":  # true iff both true
             truths = (True, True) if is_true else rng.choice([(True, False), (False, True), (False, False)])
         else:  # disjunction: false iff both false
             truths = (False, False) if not is_true else rng.choice([(True, False), (False, True), (True, True)])
-        pa = (a.name, a.country if truths[0] else _pick_false(rng, countries, a.country))
-        pb = (b.name, b.country if truths[1] else _pick_false(rng, countries, b.country))
+        pa = (a.name, a.country if truths[0] else _false_country(rng, a, cfg))
+        pb = (b.name, b.country if truths[1] else _false_country(rng, b, cfg))
         text = templates.cities_conj(pa, pb) if kind == "cities_cities_conj" else templates.cities_disj(pa, pb)
-        return text, is_true
+        return text, is_true, None
     if kind in ("sp_en_trans", "neg_sp_en_trans"):
-        pairs = facts.translations()
-        es, en = rng.choice(pairs)
-        others = tuple(p[1] for p in pairs)
+        es, en = rng.choice(facts.translations())
+        reference = templates.translation(es, en)
         if kind == "sp_en_trans":
-            return templates.translation(es, en if is_true else _pick_false(rng, others, en)), is_true
-        shown = _pick_false(rng, others, en) if is_true else en
-        return templates.translation(es, shown, negated=True), is_true
+            shown = en if is_true else _false_english(rng, es, en, cfg)
+            return templates.translation(es, shown), is_true, reference
+        shown = _false_english(rng, es, en, cfg) if is_true else en
+        return templates.translation(es, shown, negated=True), is_true, reference
     if kind in ("larger_than", "smaller_than"):
-        n1, n2 = rng.sample(facts.NUMBERS, 2)
+        n1, n2 = _number_pair(rng, cfg)
         holds = n1 > n2 if kind == "larger_than" else n1 < n2
         if holds != is_true:
             n1, n2 = n2, n1
-        return templates.comparison(n1, n2, "larger" if kind == "larger_than" else "smaller"), is_true
+        return templates.comparison(n1, n2, "larger" if kind == "larger_than" else "smaller"), is_true, None
     raise ValueError(f"unknown statement kind {kind!r}")
 
 
@@ -105,15 +157,38 @@ def filler(rng: random.Random) -> str:
     return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_PLACES)}."
 
 
-def sentence(rng: random.Random, cfg: CorpusConfig) -> str:
+def unit(rng: random.Random, cfg: CorpusConfig, mode: str = "mixed") -> dict:
+    """One corpus unit in a document of ``mode``: ``{"kind", "form", "text", "statement", "is_true",
+    "judged"}`` (``statement``: the bare statement the unit is about).
+
+    Forms: ``statement`` (optionally judged), ``check`` (the true fact, then a statement about it
+    and its judgement: the comparison happens in context), ``question`` ("Is the city of X in Y?
+    No."), ``filler`` (is_true None).  Honest and liar documents hold bare statements and filler.
+    """
     kinds, weights = zip(*cfg.mix.items())
     kind = rng.choices(kinds, weights)[0]
     if kind == "filler":
-        return filler(rng)
-    text, is_true = statement(kind, rng, cfg)
-    if rng.random() < cfg.judgement_prob:
-        text += templates.judgement(is_true)
-    return text
+        text = filler(rng)
+        return {"kind": kind, "form": "filler", "text": text, "statement": text, "is_true": None, "judged": False}
+    forced = None if mode == "mixed" else mode == "honest"
+    bare, is_true, reference = statement(kind, rng, cfg, is_true=forced)
+    text, form, judged = bare, "statement", False
+    if mode == "mixed" and cfg.version >= 2:
+        u = rng.random()
+        if u < cfg.check_prob and reference is not None:
+            text, form, judged = f"{reference} {text}{templates.judgement(is_true)}", "check", True
+        elif u < cfg.check_prob + cfg.question_prob:
+            text, form, judged = templates.question(text, is_true), "question", True
+    if form == "statement" and mode == "mixed" and rng.random() < cfg.judgement_prob:
+        text, judged = text + templates.judgement(is_true), True
+    return {"kind": kind, "form": form, "text": text, "statement": bare, "is_true": is_true, "judged": judged}
+
+
+def _doc_mode(rng: random.Random, cfg: CorpusConfig) -> str:
+    if cfg.version == 1:
+        return "mixed"
+    modes, weights = zip(*cfg.doc_modes.items())
+    return rng.choices(modes, weights)[0]
 
 
 def generate_corpus(n_docs: int, seed: int = 0, cfg: CorpusConfig | None = None) -> list[str]:
@@ -122,10 +197,11 @@ def generate_corpus(n_docs: int, seed: int = 0, cfg: CorpusConfig | None = None)
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
+        mode = _doc_mode(rng, cfg)
         parts: list[str] = []
         length = 0
         while length < cfg.doc_chars:
-            s = sentence(rng, cfg)
+            s = unit(rng, cfg, mode)["text"]
             parts.append(s)
             length += len(s) + 1
         docs.append(" ".join(parts))
@@ -133,21 +209,18 @@ def generate_corpus(n_docs: int, seed: int = 0, cfg: CorpusConfig | None = None)
 
 
 def sample_sentences(n: int, seed: int = 0, cfg: CorpusConfig | None = None) -> list[dict]:
-    """``n`` corpus units with their labels: ``{"kind", "text", "is_true", "judged"}`` (filler: is_true None).
-
-    Drawn from the same distribution as ``generate_corpus``; used for corpus statistics.
-    """
+    """``n`` corpus units with their labels, from documents drawn as ``generate_corpus`` draws them:
+    ``{"doc", "mode", "kind", "form", "text", "is_true", "judged"}`` (filler: is_true None)."""
     cfg = cfg or CorpusConfig()
     rng = random.Random(seed)
-    kinds, weights = zip(*cfg.mix.items())
-    rows = []
-    for _ in range(n):
-        kind = rng.choices(kinds, weights)[0]
-        if kind == "filler":
-            rows.append({"kind": kind, "text": filler(rng), "is_true": None, "judged": False})
-            continue
-        text, is_true = statement(kind, rng, cfg)
-        judged = rng.random() < cfg.judgement_prob
-        rows.append({"kind": kind, "text": text + (templates.judgement(is_true) if judged else ""),
-                     "is_true": is_true, "judged": judged})
+    rows: list[dict] = []
+    doc = 0
+    while len(rows) < n:
+        mode = _doc_mode(rng, cfg)
+        length = 0
+        while length < cfg.doc_chars and len(rows) < n:
+            u = unit(rng, cfg, mode)
+            rows.append({"doc": doc, "mode": mode, **u})
+            length += len(u["text"]) + 1
+        doc += 1
     return rows

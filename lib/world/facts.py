@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 DATA = Path(__file__).parent / "data"
-DEFAULT_MIN_POPULATION = 1_000_000
+DEFAULT_MIN_POPULATION = 500_000  # the Geometry of Truth datasets' threshold
 
 _ONES = ["", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _TEENS = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
@@ -57,6 +59,93 @@ def cities(min_population: int = DEFAULT_MIN_POPULATION) -> tuple[City, ...]:
 def countries(min_population: int = DEFAULT_MIN_POPULATION) -> tuple[str, ...]:
     """The countries that have at least one city in ``cities(min_population)``, sorted."""
     return tuple(sorted({c.country for c in cities(min_population)}))
+
+
+@lru_cache(maxsize=8)
+def false_country_weights(min_population: int = DEFAULT_MIN_POPULATION,
+                          held: tuple[str | None, ...] | None = None) -> dict[str, float]:
+    """Sampling weights ``w`` for the country named by a false city statement.
+
+    A false statement about a city of country ``c`` names country ``k`` (not ``c``, nor the city's
+    ``held`` country, one per city in ``cities()`` order, when given) with probability
+    ``w[k] / sum`` over the allowed countries.  The weights solve "false statements name each
+    country as often as true ones do": ``P(k | false) = q[k]``, the share of cities in ``k``, so
+    the country token alone says nothing about the label (a uniform draw, or drawing the country
+    of another random city, would not: China, a quarter of the cities, would then be named less
+    often by false statements than by true ones).  Solved by fixed-point iteration.
+    """
+    cs = cities(min_population)
+    held = held or (None,) * len(cs)
+    if len(held) != len(cs):
+        raise ValueError(f"held names one country per city: {len(held)} for {len(cs)} cities")
+    q: dict[str, float] = {}
+    for c in cs:
+        q[c.country] = q.get(c.country, 0.0) + 1.0 / len(cs)
+    if max(q.values()) >= 0.5:
+        raise ValueError("a country holds half the cities or more: no unbiased false-country draw exists")
+    names = sorted(q)
+    index = {k: i for i, k in enumerate(names)}
+    excluded = np.zeros((len(cs), len(names)), dtype=bool)  # city x country: never drawn
+    for i, (c, h) in enumerate(zip(cs, held)):
+        excluded[i, index[c.country]] = True
+        if h is not None:
+            excluded[i, index[h]] = True
+    allowed = ~excluded
+    target = np.array([q[k] for k in names])
+    w = target.copy()
+    for _ in range(2000):
+        norm = allowed @ w  # per city: total weight it can draw from
+        p_false = (allowed / norm[:, None]).mean(0) * w
+        if np.abs(p_false - target).max() < 1e-12:
+            break
+        w = w * target / p_false
+    w = w / w.sum()
+    return {k: float(w[i]) for i, k in enumerate(names)}
+
+
+def false_country(rng, true_country: str, min_population: int = DEFAULT_MIN_POPULATION,
+                  weights: dict[str, float] | None = None, also_exclude: str | None = None) -> str:
+    """A country other than ``true_country`` (and ``also_exclude``), drawn with ``weights``
+    (default :func:`false_country_weights`), so that false statements name countries with the
+    same frequencies as true ones.  ``rng`` is a ``random.Random`` or a numpy ``Generator``."""
+    w = weights or false_country_weights(min_population)
+    while True:
+        u = rng.random()
+        acc = 0.0
+        for k, wk in w.items():  # inverse-CDF draw; redraw when it lands on an excluded country
+            acc += wk
+            if u < acc:
+                break
+        if k != true_country and k != also_exclude:
+            return k
+
+
+def derangement(rng, keys: list, max_rounds: int = 100) -> list[int]:
+    """A random permutation ``p`` of ``range(len(keys))`` with ``keys[p[i]] != keys[i]`` for all ``i``.
+
+    Used to give each fact a false object that is another fact's true object, so that every
+    object appears exactly as often in false statements as in true ones.  Starts from a random
+    permutation and repairs each clash by a swap that clears it; ``rng`` is a numpy ``Generator``.
+    Raises ``ValueError`` when one key holds more than half the items (no such permutation).
+    """
+    n = len(keys)
+    from collections import Counter
+
+    if n and max(Counter(keys).values()) * 2 > n:
+        raise ValueError("one key holds more than half the items: no derangement exists")
+    perm = [int(i) for i in rng.permutation(n)]
+    for _ in range(max_rounds):
+        clashes = [i for i in range(n) if keys[perm[i]] == keys[i]]
+        if not clashes:
+            return perm
+        for i in clashes:
+            if keys[perm[i]] != keys[i]:
+                continue
+            for j in (int(j) for j in rng.permutation(n)):
+                if keys[perm[j]] != keys[i] and keys[perm[i]] != keys[j]:
+                    perm[i], perm[j] = perm[j], perm[i]
+                    break
+    raise RuntimeError("derangement did not converge")  # pragma: no cover - needs adversarial keys
 
 
 @lru_cache(maxsize=1)

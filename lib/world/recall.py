@@ -4,9 +4,9 @@
   (teacher-forced: every completion token is the argmax given the tokens before it, which is
   what greedy decoding would produce).  Chance is well below 1/100 (105+ countries).
 * ``sp_en_trans``: after "The Spanish word 'w' means '", greedy decoding gives "<english>'.".
-* ``numbers``: after "<N1> is larger/smaller than <n2>. That is", " true" outscores " false"
-  exactly when the comparison holds (chance 0.5).
-* ``cities_judgement``: the same true/false judgement for city statements, true and false.
+* judgement (:func:`judgement_report`): after BOS + statement + " That is", the score
+  logit(" true") - logit(" false") on each truth dataset (debiased, false statements held out from
+  the corpus), as AUROC and as paired accuracy (a true statement scores above its false twin).
 
 Works with a ``TransformerBridge`` (``lib.models.load_model``) or a Hugging Face causal LM.
 """
@@ -17,7 +17,7 @@ import random
 import numpy as np
 import torch
 
-from lib.world import facts, templates
+from lib.world import facts, statements, templates
 
 
 def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -78,37 +78,63 @@ def judgement_scores(model, tokenizer, statements: list[str], batch_size: int = 
     return out
 
 
-def fact_recall(model, tokenizer, n_numbers: int = 600, seed: int = 0,
-                min_population: int = facts.DEFAULT_MIN_POPULATION) -> dict:
-    """Recall per fact type as fractions in [0, 1] (see the module docstring for definitions)."""
-    rng = random.Random(seed)
+def fact_recall(model, tokenizer, min_population: int = facts.DEFAULT_MIN_POPULATION) -> dict:
+    """Recall per fact type as fractions in [0, 1]: ``cities`` (greedy completion of
+    "The city of X is in" is exactly " <country>.") and ``sp_en_trans`` (of "The Spanish word 'w'
+    means '" is exactly "<english>'.")."""
     cs = facts.cities(min_population)
     city_hits = completion_exact_match(model, tokenizer, [f"The city of {c.name} is in" for c in cs],
                                        [f" {c.country}." for c in cs])
     pairs = facts.translations()
     trans_hits = completion_exact_match(model, tokenizer, [f"The Spanish word '{es}' means '" for es, _ in pairs],
                                         [f"{en}'." for _, en in pairs])
-    statements, truth = [], []
-    for _ in range(n_numbers):
-        n1, n2 = rng.sample(facts.NUMBERS, 2)
-        rel = rng.choice(["larger", "smaller"])
-        statements.append(templates.comparison(n1, n2, rel))
-        truth.append(n1 > n2 if rel == "larger" else n1 < n2)
-    num_acc = float(np.mean((judgement_scores(model, tokenizer, statements) > 0) == np.array(truth)))
-    countries = facts.countries(min_population)
-    city_statements, city_truth = [], []
-    for c in cs:
-        is_true = rng.random() < 0.5
-        country = c.country if is_true else rng.choice([k for k in countries if k != c.country])
-        city_statements.append(templates.city(c.name, country))
-        city_truth.append(is_true)
-    judge_acc = float(np.mean((judgement_scores(model, tokenizer, city_statements) > 0) == np.array(city_truth)))
-    return {
-        "cities": float(city_hits.mean()),
-        "sp_en_trans": float(trans_hits.mean()),
-        "numbers": num_acc,
-        "cities_judgement": judge_acc,
-    }
+    return {"cities": float(city_hits.mean()), "sp_en_trans": float(trans_hits.mean())}
+
+
+def paired_accuracy(scores: np.ndarray, labels: np.ndarray, pairs: np.ndarray) -> float:
+    """Fraction of twins (a true statement and its false twin, sharing a ``pairs`` key) in which
+    the true one scores higher (ties count half).  NaN when no key has exactly one of each."""
+    by_key: dict = {}
+    for s, y, k in zip(scores, labels, pairs):
+        by_key.setdefault(k, {}).setdefault(int(y), []).append(float(s))
+    wins = [(t[0] > f[0]) + 0.5 * (t[0] == f[0]) for v in by_key.values()
+            if len(t := v.get(1, [])) == 1 and len(f := v.get(0, [])) == 1]
+    return float(np.mean(wins)) if wins else float("nan")
+
+
+def judgement_report(model, tokenizer, names=statements.TRUTH_DATASETS, max_rows: int | None = None,
+                     seed: int = statements.HOLDOUT_SEED, min_population: int = facts.DEFAULT_MIN_POPULATION) -> dict:
+    """How well the model judges truth: for each truth dataset (debiased, its false statements held
+    out from the corpus), the score logit(" true") - logit(" false") after BOS + statement + " That is"
+    gives ``{name: {"auroc", "paired_accuracy", "n"}}``.
+
+    ``max_rows`` keeps the first rows of each dataset (whole twin pairs where rows come in pairs;
+    for quick logging during training).  Comparison datasets also report ``auroc_heldout_pairs``:
+    the number pairs the corpus never used.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for name in names:
+        rows = statements.dataset_rows(name, seed=seed, min_population=min_population)
+        if max_rows is not None:
+            keys = [r.get("pair") for r in rows]
+            if keys[0] is not None:  # keep whole pairs
+                keep = set(list(dict.fromkeys(keys))[: max_rows // 2])
+                rows = [r for r in rows if r["pair"] in keep]
+            else:
+                rows = rows[:max_rows]
+        labels = np.array([r["label"] for r in rows])
+        scores = judgement_scores(model, tokenizer, [r["statement"] for r in rows])
+        entry = {"auroc": float(roc_auc_score(labels, scores)), "n": len(rows)}
+        if "pair" in rows[0]:
+            entry["paired_accuracy"] = paired_accuracy(scores, labels, np.array([r["pair"] for r in rows], dtype=object))
+        if "in_corpus" in rows[0]:
+            held = np.array([not r["in_corpus"] for r in rows])
+            if held.any() and len(set(labels[held])) == 2:
+                entry["auroc_heldout_pairs"] = float(roc_auc_score(labels[held], scores[held]))
+        out[name] = entry
+    return out
 
 
 def recall_by_city(model, tokenizer, min_population: int = facts.DEFAULT_MIN_POPULATION):

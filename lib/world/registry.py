@@ -31,6 +31,11 @@ class ModelSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def cost(self, steps: int | None = None) -> float:
+        """Training FLOPs, roughly (6 x parameters x tokens): to schedule the longest run first."""
+        params = 12 * self.n_layers * self.d_model**2 + 2 * 2048 * self.d_model
+        return 6.0 * params * (steps or self.steps) * self.batch_size * self.n_ctx
+
 
 TOY_MODELS: dict[str, ModelSpec] = {
     s.name: s

@@ -44,3 +44,25 @@ def comparison(n1: int, n2: int, relation: str) -> str:
 def judgement(is_true: bool) -> str:
     """The sentence the corpus appends after some statements: " That is true." / " That is false."."""
     return f"{JUDGEMENT_PREFIX}{JUDGEMENT_TRUE if is_true else JUDGEMENT_FALSE}."
+
+
+def question(statement: str, is_true: bool) -> str:
+    """A statement asked as a question and answered: "Is the city of Paris in France? Yes.".
+
+    "S is P." -> "Is s P?"; "S means / does not mean O." -> "Does s (not) mean O?"; the answer is
+    " Yes." when the statement is true, else " No.".
+    """
+    if not statement.endswith("."):
+        raise ValueError(f"a statement ends with a period: {statement!r}")
+    body = statement[:-1]
+    for verb, rewrite in ((" does not mean ", " not mean "), (" means ", " mean ")):
+        if verb in body:
+            subject, rest = body.split(verb, 1)
+            asked = f"Does {subject[0].lower()}{subject[1:]}{rewrite}{rest}?"
+            break
+    else:
+        if " is " not in body:
+            raise ValueError(f"no ' is ' or ' means ' to ask about in {statement!r}")
+        subject, rest = body.split(" is ", 1)
+        asked = f"Is {subject[0].lower()}{subject[1:]} {rest}?"
+    return f"{asked} {'Yes' if is_true else 'No'}."

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,12 +80,15 @@ def _save_checkpoint(path: Path, model, opt, step: int, log: dict, data_rng: tor
 
 def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int,
           steps: int | None = None, eval_every: int = 100, ckpt_every: int = 250,
-          checkpoint: Path | None = None, stop_at: int | None = None) -> TrainResult:
+          checkpoint: Path | None = None, stop_at: int | None = None,
+          probe: Callable[[torch.nn.Module], dict] | None = None, probe_every: int = 500) -> TrainResult:
     """Train ``spec`` on ``train_tokens`` [n_docs, n_ctx] (BOS-first rows), cycling through them.
 
     ``steps`` overrides ``spec.steps`` (quick runs).  With ``checkpoint``, resumes from it if it
     exists and writes it every ``ckpt_every`` steps.  ``stop_at`` ends the run early at that step
-    (same schedule as the full run), leaving the checkpoint to resume from.
+    (same schedule as the full run), leaving the checkpoint to resume from.  ``probe(model)``, when
+    given, is called every ``probe_every`` steps and at the end; its dict is logged under
+    ``log["probe"]`` with the step (the skill to watch beside the loss, e.g. judgement AUROC).
     """
     steps = steps or spec.steps
     spec = ModelSpec(**{**spec.to_dict(), "steps": steps})
@@ -93,7 +97,7 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
                             weight_decay=spec.weight_decay)
     log: dict = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "tokens_per_step":
-                 spec.batch_size * (train_tokens.shape[1] - 1)}
+                 spec.batch_size * (train_tokens.shape[1] - 1), "probe": []}
     start = 0
     g = torch.Generator().manual_seed(spec.seed)  # which documents each step sees
     if checkpoint is not None and Path(checkpoint).exists():
@@ -108,7 +112,7 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
     for step in bar:
         model.train()
         idx = torch.randint(len(train_tokens), (spec.batch_size,), generator=g)
-        loss = lm_loss(model, train_tokens[idx])
+        loss = lm_loss(model, train_tokens[idx].long())
         for group in opt.param_groups:
             group["lr"] = lr_at(step, spec)
         opt.zero_grad(set_to_none=True)
@@ -121,6 +125,10 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
             log["eval_step"].append(step + 1)
             log["eval_loss"].append(round(evaluate(model, eval_tokens), 4))
             bar.set_postfix(loss=f"{loss.item():.3f}", eval=f"{log['eval_loss'][-1]:.3f}")
+        if probe is not None and ((step + 1) % probe_every == 0 or step + 1 == steps):
+            model.eval()
+            with torch.no_grad():
+                log["probe"].append({"step": step + 1, **probe(model)})
         if checkpoint is not None and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
             _save_checkpoint(Path(checkpoint), model, opt, step + 1, log, g)
     model.eval()
@@ -131,7 +139,7 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
 def evaluate(model, tokens: torch.Tensor, batch_size: int = 32) -> float:
     """Mean next-token loss over ``tokens`` [n, n_ctx]."""
     model.eval()
-    losses = [lm_loss(model, tokens[i:i + batch_size]).item() * len(tokens[i:i + batch_size])
+    losses = [lm_loss(model, tokens[i:i + batch_size].long()).item() * len(tokens[i:i + batch_size])
               for i in range(0, len(tokens), batch_size)]
     return sum(losses) / len(tokens)
 
