@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.world import corpus, facts, recall, templates
+from lib.world import corpus, facts, recall, statements, templates
 from lib.world.registry import TOY_MODELS, ModelSpec
 from lib.world.tokenizer import train_tokenizer
 from lib.world.train import build_hf_model, lm_loss, lr_at, train
@@ -104,8 +104,6 @@ def test_corpus_statements_and_judgements_are_true_to_the_facts():
 
 
 def test_corpus_never_states_the_held_out_statements():
-    from lib.world import statements
-
     rows = corpus.sample_sentences(20000, seed=4)
     texts = " ".join(r["text"] for r in rows)
     false_city = statements.probe_false_countries()
@@ -244,3 +242,27 @@ def test_question_wording():
     assert templates.question("Fifty is larger than sixty.", False) == "Is fifty larger than sixty? No."
     with pytest.raises(ValueError):
         templates.question("No period", True)
+
+
+def test_build_records_provenance_and_the_skill_curve(tmp_path, monkeypatch):
+    """``make models`` in miniature: the saved directory loads, and provenance.json records the
+    command, corpus, tokens, losses, recall and judgement; the log has judgement rows."""
+    import json
+
+    from lib.world import build
+
+    monkeypatch.setenv("COMPENDIUM_ROOT", str(tmp_path / "root"))
+    build.main(["--only", "toy-1l", "--steps", "6", "--n-docs", "40", "--out", str(tmp_path), "--jobs", "1",
+                "--probe-every", "3"])
+    record = json.loads((tmp_path / "toy-1l" / "provenance.json").read_text())
+    assert record["command"].startswith("python -m lib.world.build") and "--steps 6" in record["command"]
+    assert record["train_tokens"] == 6 * 8 * 255 and record["corpus"]["version"] == 2
+    assert set(record["judgement_auroc"]) == set(statements.TRUTH_DATASETS)
+    assert set(record["paired_accuracy"]) == {"cities", "neg_cities", "sp_en_trans", "neg_sp_en_trans",
+                                              "larger_than", "smaller_than"}
+    assert set(record["fact_recall"]) == {"cities", "sp_en_trans"}
+    log = json.loads((tmp_path / "toy-1l" / "training_log.json").read_text())
+    assert [row["step"] for row in log["probe"]] == [3, 6] and "recall_cities" in log["probe"][0]
+    from lib.models import load_model
+
+    assert load_model(str(tmp_path / "toy-1l"), device="cpu").cfg.n_layers == 1

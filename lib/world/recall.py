@@ -143,3 +143,32 @@ def recall_by_city(model, tokenizer, min_population: int = facts.DEFAULT_MIN_POP
     hits = completion_exact_match(model, tokenizer, [f"The city of {c.name} is in" for c in cs],
                                   [f" {c.country}." for c in cs])
     return [(c.name, c.country, c.population, bool(h)) for c, h in zip(cs, hits)]
+
+
+# The bar a default model must clear (issue "toy world v2"): judgement AUROC and paired accuracy per
+# dataset (debiased, held out), and recall of facts.
+JUDGEMENT_TARGETS: dict[str, float] = {
+    "cities": 0.95, "neg_cities": 0.95, "sp_en_trans": 0.95, "neg_sp_en_trans": 0.95,
+    "cities_cities_conj": 0.85, "cities_cities_disj": 0.85, "larger_than": 0.90, "smaller_than": 0.90,
+}
+RECALL_TARGET = 0.98
+
+
+def target_check(judgement: dict, recall: dict) -> dict[str, bool]:
+    """``{check: passed}`` for one model: each dataset's AUROC and paired accuracy (where it has
+    twins) against :data:`JUDGEMENT_TARGETS`, and each recall against :data:`RECALL_TARGET`."""
+    out = {}
+    for name, bar in JUDGEMENT_TARGETS.items():
+        entry = judgement[name]
+        out[f"{name} auroc"] = entry["auroc"] >= bar
+        if "paired_accuracy" in entry:
+            out[f"{name} paired"] = entry["paired_accuracy"] >= bar
+    for name, value in recall.items():
+        out[f"recall {name}"] = value >= RECALL_TARGET
+    return out
+
+
+def smallest_passing(checks: dict[str, dict[str, bool]], n_params: dict[str, int]) -> str | None:
+    """The model with the fewest parameters whose checks all pass, or None."""
+    passing = [name for name, c in checks.items() if all(c.values())]
+    return min(passing, key=lambda n: n_params[n]) if passing else None

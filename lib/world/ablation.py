@@ -1,0 +1,76 @@
+"""Which corpus teaches verification? Train one toy model on a named corpus variant and log its
+judgement AUROC and fact recall during training (the curves notebook 00 shows).
+
+    python -m lib.world.ablation --variant v1-debiased --layers 4 --steps 15000
+    python -m lib.world.ablation --variant v2 --layers 2 --steps 6000 --out data/world/ablation
+
+Variants (everything else as :class:`lib.world.corpus.CorpusConfig`):
+
+* ``v1-debiased``: the first toy world's corpus with the bias removed: every document mixed
+  (each statement true with probability 1/2), half the statements judged, no checks, no questions;
+* ``v2``: the default corpus (honest and liar documents, checks, questions, 60% judged);
+* ``v2-mixed-only``: v2 without honest and liar documents;
+* ``v2-no-forms``: v2 without the recall-then-judge checks and the questions.
+
+The log (``{variant}-{layers}l.json``: steps, losses, ``probe`` rows with judgement AUROC per
+dataset and recall) is written atomically; no model is saved.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from lib import paths
+from lib.results import atomic_write_text
+from lib.world.build import corpus_and_tokenizer, judgement_probe, tokenize_docs
+from lib.world.corpus import CorpusConfig
+from lib.world.registry import ModelSpec
+
+VARIANTS: dict[str, dict] = {
+    "v1-debiased": dict(doc_modes={"mixed": 1.0}, check_prob=0.0, question_prob=0.0, judgement_prob=0.5),
+    "v2": {},
+    "v2-mixed-only": dict(doc_modes={"mixed": 1.0}),
+    "v2-no-forms": dict(check_prob=0.0, question_prob=0.0),
+}
+
+
+def run(variant: str, layers: int, steps: int, d_model: int = 128, seed: int = 0, threads: int = 1,
+        probe_every: int = 1000, out: Path | None = None) -> Path:
+    """Train a ``layers``-layer GPT-NeoX toy model on corpus ``variant``; return the log's path."""
+    from lib.world.train import train
+
+    if variant not in VARIANTS:
+        raise KeyError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    torch.set_num_threads(threads)
+    cfg = CorpusConfig(**VARIANTS[variant])
+    spec = ModelSpec(f"{variant}-{layers}l", "neox", layers, d_model, max(1, d_model // 32), steps, seed=seed)
+    _, train_docs, eval_docs, tokenizer = corpus_and_tokenizer(seed, n_train=steps * spec.batch_size, cfg=cfg)
+    result = train(spec, tokenize_docs(tokenizer, train_docs, spec.n_ctx), tokenize_docs(tokenizer, eval_docs, spec.n_ctx),
+                   len(tokenizer), eval_every=250, probe=judgement_probe(tokenizer), probe_every=probe_every)
+    log = {"variant": variant, "corpus": cfg.to_dict(), "spec": spec.to_dict(), **result.log}
+    path = Path(out or paths.data_dir() / "world" / "ablation") / f"{variant}-{layers}l.json"
+    atomic_write_text(path, json.dumps(log) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", required=True, choices=list(VARIANTS))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=15000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--probe-every", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    path = run(args.variant, args.layers, args.steps, args.d_model, args.seed, args.threads, args.probe_every, args.out)
+    print(f"log -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
