@@ -53,13 +53,24 @@ def corpus_and_tokenizer(seed: int, n_train: int, n_eval: int = N_EVAL_DOCS, cfg
     return cfg, train_docs, eval_docs, tokenizer
 
 
-def judgement_probe(tokenizer, max_rows: int = 300):
-    """The skill logged during training: judgement AUROC per truth dataset (first ``max_rows``)."""
+def first_phase_docs(cfg: CorpusConfig, seed: int, n_docs: int) -> list[str]:
+    """The curriculum's first-phase documents (:meth:`CorpusConfig.first_phase`), seed ``seed + 20000``."""
+    return generate_corpus(n_docs, seed=seed + 20_000, cfg=cfg.first_phase()) if n_docs else []
+
+
+def judgement_probe(tokenizer, max_rows: int = 300, names=None, min_population: int | None = None):
+    """The skill logged during training: judgement AUROC per truth dataset (first ``max_rows``;
+    ``names`` default all) and fact recall."""
+    from lib.world import facts
     from lib.world.recall import fact_recall, judgement_report
+    from lib.world.statements import TRUTH_DATASETS
+
+    pop = min_population or facts.DEFAULT_MIN_POPULATION
 
     def probe(model) -> dict:
-        out = {k: round(v["auroc"], 4) for k, v in judgement_report(model, tokenizer, max_rows=max_rows).items()}
-        out.update({f"recall_{k}": round(v, 4) for k, v in fact_recall(model, tokenizer).items()})
+        report = judgement_report(model, tokenizer, names=names or TRUTH_DATASETS, max_rows=max_rows, min_population=pop)
+        out = {k: round(v["auroc"], 4) for k, v in report.items()}
+        out.update({f"recall_{k}": round(v, 4) for k, v in fact_recall(model, tokenizer, min_population=pop).items()})
         return out
 
     return probe
@@ -84,7 +95,8 @@ def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None,
     print(f"[{spec.name}] {spec.arch} {spec.n_layers}L d={spec.d_model}: {n_steps} steps x {spec.batch_size} "
           f"x {n_ctx} tokens, {threads} thread(s)", flush=True)
     result = train(spec, train_tokens, eval_tokens, len(tokenizer), steps=steps, checkpoint=ckpt,
-                   probe=judgement_probe(tokenizer), probe_every=probe_every)
+                   probe=judgement_probe(tokenizer), probe_every=probe_every,
+                   first_phase_rows=data["first_phase_rows"])
     report = judgement_report(result.model, tokenizer)
     record = {**provenance, "fact_recall": fact_recall(result.model, tokenizer),
               "judgement_auroc": {k: round(v["auroc"], 4) for k, v in report.items()},
@@ -120,18 +132,24 @@ def main(argv: list[str] | None = None) -> int:
     n_docs = args.n_docs or max(s.batch_size * (args.steps or s.steps) for s in specs)
     t0 = time.perf_counter()
     cfg, train_docs, eval_docs, tokenizer = corpus_and_tokenizer(args.seed, n_train=n_docs)
+    n_first = max(s.batch_size * min(s.curriculum_steps, args.steps or s.steps) for s in specs)
+    phase1 = first_phase_docs(cfg, args.seed, n_first)
     n_ctx = max(s.n_ctx for s in specs)
     work = paths.cache_dir() / "build"
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / f"tokenizer-seed{args.seed}"
     tokenizer.save_pretrained(tok_dir)
     data_path = work / f"tokens-seed{args.seed}-{n_docs}.pt"
-    torch.save({"train": tokenize_docs(tokenizer, train_docs, n_ctx), "eval": tokenize_docs(tokenizer, eval_docs, n_ctx),
+    rows = tokenize_docs(tokenizer, phase1 + train_docs, n_ctx)
+    torch.save({"train": rows, "first_phase_rows": len(phase1), "eval": tokenize_docs(tokenizer, eval_docs, n_ctx),
                 "tokenizer_dir": str(tok_dir)}, data_path)
     print(f"corpus: {len(train_docs)} documents x {n_ctx} tokens ({time.perf_counter() - t0:.0f}s)", flush=True)
+    n_train_docs, n_eval_docs = len(train_docs), len(eval_docs)
+    del train_docs, eval_docs, phase1, rows  # the workers read the token rows; free the strings (gigabytes at full size)
     command = "python -m lib.world.build " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     provenance = {"command": command.strip(), "corpus_seed": args.seed,
-                  "corpus": {"n_train_docs": len(train_docs), "n_eval_docs": len(eval_docs), **cfg.to_dict()},
+                  "corpus": {"n_train_docs": n_train_docs, "n_eval_docs": n_eval_docs, "n_first_phase_docs": n_first,
+                             **cfg.to_dict()},
                   "tokenizer_vocab": len(tokenizer)}
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     common = dict(data_path=str(data_path), out_root=str(out_root), steps=args.steps, threads=threads,

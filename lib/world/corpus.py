@@ -29,6 +29,16 @@ DEFAULT_MIX = {
     "filler": 0.18,
 }
 
+CURRICULUM = {
+    "min_population": 2_000_000,
+    "doc_modes": {"mixed": 1.0},
+    "judgement_prob": 0.8,
+    "check_prob": 0.0,
+    "question_prob": 0.0,
+    "mix": {"cities": 0.35, "neg_cities": 0.15, "cities_cities_conj": 0.05, "cities_cities_disj": 0.05,
+            "sp_en_trans": 0.15, "neg_sp_en_trans": 0.05, "larger_than": 0.10, "smaller_than": 0.10},
+}
+
 _SUBJECTS = ["Alice", "Bob", "The farmer", "The teacher", "My friend", "A child", "The old man",
              "Her sister", "The doctor", "Our neighbour", "The baker", "His father"]
 _VERBS = ["saw", "found", "carried", "painted", "bought", "sold", "forgot", "wanted", "cleaned",
@@ -58,11 +68,20 @@ class CorpusConfig:
     check_prob: float = 0.1  # mixed documents: a statement is preceded by the true fact it can be checked against
     question_prob: float = 0.1  # mixed documents: a statement is asked as a question and answered Yes/No
     holdout: bool = True  # never state the datasets' held-out false pairs (lib.world.statements)
+    # the first phase of training (ModelSpec.curriculum_steps) reads a corpus with these overrides: a
+    # small world (the 206 cities of at least 2M people), mixed documents only, most statements judged,
+    # no filler.  Measured: on such a world a 2-layer model judges city statements (AUROC 0.97) after
+    # 3.5M tokens, while on the full world 4-layer models still judge at chance after 30M.
+    curriculum: dict = field(default_factory=lambda: dict(CURRICULUM))
     doc_chars: int = 1200  # characters per document (~ 256 tokens with the toy tokenizer)
     version: int = 2
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def first_phase(self) -> "CorpusConfig":
+        """The corpus of the curriculum's first phase: this one with ``curriculum`` applied."""
+        return CorpusConfig(**{**self.to_dict(), **self.curriculum, "curriculum": {}})
 
 
 def _pick_uniform(rng: random.Random, options: tuple[str, ...], true_value: str) -> str:

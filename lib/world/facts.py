@@ -132,7 +132,15 @@ def false_country_weights(min_population: int = DEFAULT_MIN_POPULATION,
         p_false = (allowed / norm[:, None]).mean(0) * w
         if np.abs(p_false - target).max() < 1e-12:
             break
-        w = w * target / p_false
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            w = w * target / p_false
+        if not np.all(np.isfinite(w)):
+            break
+    if not np.all(np.isfinite(w)) or np.abs(p_false - target).max() > 1e-6:
+        raise ValueError(
+            f"no false-country draw matches the true marginal for cities >= {min_population:,} with these "
+            f"exclusions (a country is too large for the cities allowed to name it); use fewer exclusions "
+            f"(CorpusConfig.holdout=False) or a lower min_population")
     w = w / w.sum()
     return {k: float(w[i]) for i, k in enumerate(names)}
 

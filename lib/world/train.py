@@ -81,7 +81,8 @@ def _save_checkpoint(path: Path, model, opt, step: int, log: dict, data_rng: tor
 def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int,
           steps: int | None = None, eval_every: int = 100, ckpt_every: int = 250,
           checkpoint: Path | None = None, stop_at: int | None = None,
-          probe: Callable[[torch.nn.Module], dict] | None = None, probe_every: int = 500) -> TrainResult:
+          probe: Callable[[torch.nn.Module], dict] | None = None, probe_every: int = 500,
+          first_phase_rows: int = 0) -> TrainResult:
     """Train ``spec`` on ``train_tokens`` [n_docs, n_ctx] (BOS-first rows), cycling through them.
 
     ``steps`` overrides ``spec.steps`` (quick runs).  With ``checkpoint``, resumes from it if it
@@ -89,6 +90,9 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
     (same schedule as the full run), leaving the checkpoint to resume from.  ``probe(model)``, when
     given, is called every ``probe_every`` steps and at the end; its dict is logged under
     ``log["probe"]`` with the step (the skill to watch beside the loss, e.g. judgement AUROC).
+    A curriculum: with ``spec.curriculum_steps`` and ``first_phase_rows``, the first steps draw
+    documents from the first ``first_phase_rows`` rows of ``train_tokens`` (the first-phase corpus)
+    and later steps from the rest.
     """
     steps = steps or spec.steps
     spec = ModelSpec(**{**spec.to_dict(), "steps": steps})
@@ -111,7 +115,10 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
     bar = progress(range(start, min(steps, stop_at or steps)), desc=spec.name, initial=start, total=steps)
     for step in bar:
         model.train()
-        idx = torch.randint(len(train_tokens), (spec.batch_size,), generator=g)
+        if step < spec.curriculum_steps and first_phase_rows:
+            idx = torch.randint(first_phase_rows, (spec.batch_size,), generator=g)
+        else:
+            idx = torch.randint(first_phase_rows, len(train_tokens), (spec.batch_size,), generator=g)
         loss = lm_loss(model, train_tokens[idx].long())
         for group in opt.param_groups:
             group["lr"] = lr_at(step, spec)
