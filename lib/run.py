@@ -305,33 +305,36 @@ def default_jobs() -> int:
 
 
 def run_many(tasks: list[dict], jobs: int, env: dict[str, str] | None = None) -> list[tuple[str, float, str]]:
-    """Run ``tasks`` (keyword arguments of :func:`run_notebook`) ``jobs`` at a time; results in task order.
+    """Run ``tasks`` ``jobs`` at a time; results in task order.
 
-    ``jobs == 1`` runs them one after the other in this process.  Otherwise each runs in a worker
-    process with ``env`` added to its environment (and so to its kernel's).
+    A task holds the keyword arguments of :func:`run_notebook`, and optionally ``env``: variables
+    for that run only (its kernel inherits them), added to ``env``.  ``jobs == 1`` runs the tasks
+    one after the other in this process; otherwise each runs in a worker process.
     """
     results: list[tuple[str, float, str] | None] = [None] * len(tasks)
     if jobs <= 1 or len(tasks) <= 1:
-        saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})
-        try:
-            for i, t in enumerate(tasks):
+        for i, t in enumerate(tasks):
+            t = dict(t)
+            extra = {**(env or {}), **t.pop("env", {})}
+            saved = {k: os.environ.get(k) for k in extra}
+            os.environ.update(extra)
+            try:
                 print(f"-> {t['path'].stem} {_shown(t['parameters'])}".rstrip(), flush=True)
                 results[i] = run_notebook(**t)
                 print(f"   {results[i][0]} in {results[i][1]:.1f}s {results[i][2]}".rstrip(), flush=True)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         return results  # type: ignore[return-value]
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn")) as pool:
         futures = {}
         for i, t in enumerate(tasks):
             print(f"-> {t['path'].stem} {_shown(t['parameters'])}".rstrip(), flush=True)
             futures[pool.submit(_run_in_worker, t["path"], t["out"], t["parameters"], t.get("timeout"),
-                                t.get("keep_failed"), env or {})] = i
+                                t.get("keep_failed"), {**(env or {}), **t.get("env", {})})] = i
         for fut in as_completed(futures):
             i = futures[fut]
             try:
