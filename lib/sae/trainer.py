@@ -18,13 +18,22 @@ or a :class:`~lib.sae.buffer.TensorSource`).  Each step:
 5. every ``checkpoint_every`` steps, an atomic checkpoint (SAE, optimizer, step, bookkeeping,
    data position, RNG) from which ``Trainer(..., resume=True)`` continues exactly.
 
+Resuming checks that it continues the same run: the SAE config and the training config must
+match the checkpoint's (only ``RESUMABLE_CHANGES`` may differ), and so must the data, when the
+source can say what it serves (``fingerprint()``, as :class:`~lib.sae.buffer.TensorSource` and
+:class:`~lib.sae.buffer.ActivationBuffer` do).  A mismatch is refused with a message.  A source
+that cannot save its position (no ``state_dict``) restarts from its beginning, with a
+:class:`ResumeWarning` saying so.
+
 A progress bar shows live L0, MSE and fraction alive; ``history`` holds them every ``log_every`` steps.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -65,6 +74,22 @@ class TrainConfig:
 
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# TrainConfig fields that may change between a run and its resumption: they do not touch the math
+RESUMABLE_CHANGES = frozenset({"checkpoint_dir", "checkpoint_every", "log_every", "compile"})
+
+
+class ResumeWarning(UserWarning):
+    """A resumed run that cannot be exactly the uninterrupted one (e.g. the data order restarts)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: unreadable, or from a different SAE, config or data."""
+
+
+def data_fingerprint(data) -> str | None:
+    """What a data source serves, as a string (``data.fingerprint()``), or None when it cannot say."""
+    fp = getattr(data, "fingerprint", None)
+    return fp() if callable(fp) else None
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -108,6 +133,7 @@ class Trainer:
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self._loss_fn = torch.compile(sae.loss) if cfg.compile else sae.loss
         ckpt = self.checkpoint_path
+        self._data_fp = data_fingerprint(data) if ckpt is not None else None
         if resume and ckpt is not None and ckpt.exists():
             self.load_checkpoint(ckpt)
 
@@ -229,15 +255,36 @@ class Trainer:
             "n_resampled": self.n_resampled,
             "gen": self._gen.get_state(),
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            "data_fingerprint": self._data_fp,
             "train_cfg": asdict(self.cfg),
         }
         atomic_torch_save(state, self.checkpoint_path)
         return self.checkpoint_path
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        """Continue from the checkpoint at ``path``, after checking it belongs to this very run."""
+        state = _read_checkpoint(path, self.device)
         if state["sae_cfg"] != self.sae.cfg.to_dict():
-            raise ValueError(f"The checkpoint at {path} is for a different SAE config; delete it or pick another checkpoint_dir")
+            changed = _differences(state["sae_cfg"], self.sae.cfg.to_dict())
+            raise CheckpointError(f"The checkpoint at {path} is for a different SAE config ({changed}); delete it or "
+                                  "pick another checkpoint_dir")
+        saved_cfg = state.get("train_cfg") or {}
+        changed = _differences(saved_cfg, asdict(self.cfg), ignore=RESUMABLE_CHANGES)
+        if changed:
+            raise CheckpointError(
+                f"The checkpoint at {path} was trained with another configuration ({changed}). Resuming would "
+                f"mix two runs. Use the checkpoint's settings, or start afresh: delete {path} or pick another "
+                "checkpoint_dir.")
+        saved_fp = state.get("data_fingerprint")
+        if saved_fp is not None and self._data_fp is not None and saved_fp != self._data_fp:
+            finished = " (it has finished: nothing would be trained)" if state["step"] >= self.cfg.n_steps else ""
+            raise CheckpointError(
+                f"The checkpoint at {path} was trained on different data than this data source serves{finished}. "
+                "Delete it or pick another checkpoint_dir to train on the new data.")
+        if saved_fp is not None and self._data_fp is None and state["step"] > 0:
+            warnings.warn(f"Resuming {path} at step {state['step']}: this data source cannot say what it serves "
+                          "(no fingerprint()), so it cannot be checked to be the data the checkpoint was trained on.",
+                          ResumeWarning, stacklevel=3)
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         self.step = state["step"]
@@ -247,8 +294,50 @@ class Trainer:
         self._gen.set_state(state["gen"])
         if state["data"] is not None:
             if not hasattr(self.data, "load_state_dict"):
-                raise TypeError("The checkpoint recorded a data position but this data source cannot restore one")
+                raise CheckpointError(f"The checkpoint at {path} recorded a data position but this data source "
+                                      "cannot restore one (no load_state_dict); use the source it was trained with.")
             self.data.load_state_dict(state["data"])
+        elif self.step > 0 and self.step < self.cfg.n_steps:
+            warnings.warn(
+                f"Resuming {path} at step {self.step}: the data order cannot be restored (the source has no "
+                "state_dict), so the data starts again from its beginning and the run differs from an "
+                "uninterrupted one. TensorSource and ActivationBuffer save their position.",
+                ResumeWarning, stacklevel=3)
+
+
+def _differences(saved: dict, now: dict, ignore=frozenset()) -> str:
+    """``"lr 0.001 -> 0.003, total_tokens ..."`` for the fields that differ."""
+    def same(a, b):
+        return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+    keys = [k for k in dict.fromkeys([*saved, *now]) if k not in ignore]
+    diffs = [f"{k} {saved.get(k, '(absent)')!r} in the checkpoint, {now.get(k, '(absent)')!r} now"
+             for k in keys if not same(saved.get(k), now.get(k))]
+    return "; ".join(diffs)
+
+
+def _read_checkpoint(path: Path, device) -> dict:
+    """``torch.load`` of a checkpoint, with an error naming the file when it is empty, truncated or foreign."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise CheckpointError(f"The checkpoint {path} is empty (0 bytes). Checkpoints are written whole through "
+                                  "a rename, so it was cut elsewhere (a full disk, a copy): delete it to start over.")
+        state = torch.load(path, map_location=device, weights_only=False)
+    except CheckpointError:
+        raise
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        raise CheckpointError(
+            f"The checkpoint {path} cannot be read ({type(err).__name__}: {err}): it is truncated or not a "
+            "checkpoint. Delete it to start over, or point checkpoint_dir elsewhere.") from err
+    required = {"sae_cfg", "sae", "opt", "step", "tokens_since_fired", "history", "n_resampled", "gen", "data"}
+    if not isinstance(state, dict) or not required <= set(state):
+        raise CheckpointError(f"{path} is not an SAE training checkpoint (missing "
+                              f"{sorted(required - set(state)) if isinstance(state, dict) else 'everything'}); "
+                              "delete it or point checkpoint_dir elsewhere.")
+    return state
 
 
 def train_sae(sae_cfg: SAEConfig, data: Iterator[torch.Tensor], cfg: TrainConfig,
