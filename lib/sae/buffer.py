@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from lib.utils import progress
+from lib.utils import as_names, progress, require_texts
 
 
 @dataclass
@@ -102,6 +102,7 @@ def hook_layer(hook_name: str) -> int | None:
 @torch.no_grad()
 def run_hooks(model, batch: TokenBatch, hooks: Sequence[str]) -> dict[str, torch.Tensor]:
     """Activations [n, pos, d] at ``hooks`` for one token batch (stops after the last block needed)."""
+    hooks = as_names(hooks, "hooks")
     missing = [h for h in hooks if h not in model.hook_dict]
     if missing:
         raise KeyError(f"hook(s) {missing} not in the model; see lib.models.hook_names(model)")
@@ -157,7 +158,7 @@ def load_activations(path: str | os.PathLike, hooks: Sequence[str] | None = None
         raise IsADirectoryError(f"{path} is a directory; load_activations reads one .safetensors file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys()) if hooks is None else list(hooks)
+            names = list(f.keys()) if hooks is None else as_names(hooks, "hooks")
             missing = [h for h in names if h not in f.keys()]
             if missing:
                 raise KeyError(f"{path} has no activations for {missing}; it has {list(f.keys())}")
@@ -244,7 +245,7 @@ class ActivationBuffer:
     def __init__(self, model, texts: Sequence[str], cfg: BufferConfig):
         if cfg.buffer_tokens < 2 * cfg.batch_size:
             raise ValueError(f"buffer_tokens ({cfg.buffer_tokens}) should be at least 2 x batch_size ({cfg.batch_size})")
-        self.model, self.texts, self.cfg = model, list(texts), cfg
+        self.model, self.texts, self.cfg = model, require_texts(texts), cfg
         if not self.texts:
             raise ValueError("ActivationBuffer needs at least one text")
         self._reset()
