@@ -40,7 +40,7 @@ from typing import Iterator
 
 import torch
 
-from lib.sae.base import SAE, SAEConfig, make_sae
+from lib.sae.base import SAE, SAEConfig, make_sae, positive_int
 from lib.utils import progress
 
 
@@ -67,6 +67,28 @@ class TrainConfig:
     seed: int = 0
     autocast_dtype: str | None = None  # e.g. "bfloat16": run forward/backward under torch.autocast
     compile: bool = False  # torch.compile the loss
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {what}")
+
+        for name in ("total_tokens", "batch_size", "checkpoint_every", "log_every", "dead_after_tokens"):
+            setattr(self, name, positive_int(getattr(self, name), f"TrainConfig.{name}"))
+        need(self.total_tokens >= self.batch_size,
+             f"total_tokens ({self.total_tokens}) is less than one batch ({self.batch_size})")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        need(self.sparsity_coefficient >= 0, f"sparsity_coefficient must be >= 0, got {self.sparsity_coefficient!r}")
+        need(0 <= self.sparsity_warmup_frac <= 1 and 0 <= self.lr_decay_frac <= 1 and 0 <= self.resample_until_frac <= 1,
+             "sparsity_warmup_frac, lr_decay_frac and resample_until_frac are fractions in [0, 1]")
+        need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps!r}")
+        need(self.recon in ("mse", "mse_batch_var", "l2"), f"recon must be 'mse', 'mse_batch_var' or 'l2', got {self.recon!r}")
+        need(self.init_b_dec in ("mean", "zeros"), f"init_b_dec must be 'mean' or 'zeros', got {self.init_b_dec!r}")
+        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.resample_every is not None:
+            self.resample_every = positive_int(self.resample_every, "TrainConfig.resample_every (steps, or None)")
+        need(self.autocast_dtype is None or isinstance(getattr(torch, str(self.autocast_dtype), None), torch.dtype),
+             f"autocast_dtype {self.autocast_dtype!r} is not a torch dtype (e.g. 'bfloat16') or None")
 
     @property
     def n_steps(self) -> int:
@@ -164,7 +186,17 @@ class Trainer:
                        total=cfg.n_steps)
         sae.train()
         for step in bar:
-            x = next(self.data).to(self.device, non_blocking=True)
+            try:
+                x = next(self.data)
+            except StopIteration:
+                raise RuntimeError(
+                    f"The data source ran out at step {step} of {cfg.n_steps} ({step * cfg.batch_size} of "
+                    f"{cfg.total_tokens} tokens): give it more data, let it loop (BufferConfig.loop=True), or lower "
+                    "total_tokens.") from None
+            if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[-1] != sae.cfg.d_in:
+                raise ValueError(f"The data source served {tuple(getattr(x, 'shape', ())) or type(x).__name__}; the SAE "
+                                 f"needs [batch, {sae.cfg.d_in}] activations (its hook: {sae.cfg.hook_name or '?'})")
+            x = x.to(self.device, non_blocking=True)
             if step == 0 and cfg.init_b_dec == "mean":
                 with torch.no_grad():
                     sae.b_dec.copy_(x.float().mean(0))
