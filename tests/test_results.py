@@ -178,3 +178,13 @@ def test_the_suite_fails_when_a_notebook_result_leaves_its_tolerance(tmp_path, w
     else:
         assert out.returncode == 1, text
         assert "x: 0.6, committed 0.5" in text and "1 failed, 2 passed" in text
+
+
+def test_contributing_states_each_notebooks_time_budget():
+    """CONTRIBUTING.md's budget table agrees with the budget_s of every check file."""
+    import re
+
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    stated = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| (\d\d_\w+) \| (\d+) \|", text, re.M)}
+    declared = {nb.stem: load_check(check_file_for(nb)).budget_s for nb in NOTEBOOKS}
+    assert stated == declared
