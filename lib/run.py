@@ -7,7 +7,9 @@
     python -m lib.run --jobs 1                # one notebook at a time (default: one per CPU core)
 
 Notebooks run in parallel, ``--jobs`` at a time (default: the number of CPU cores), each in its
-own process and kernel with ``OMP_NUM_THREADS`` set to its share of the cores.  The runner keeps
+own process and kernel with one torch thread (``--threads``; ``OMP_NUM_THREADS``), as ``make test``
+runs them: a reduction split over another number of threads adds in another order, and training
+amplifies that, so results committed from another thread count would not be reproduced.  The runner keeps
 going when a notebook fails, prints one table of notebook, status and wall time at the end,
 writes it to ``data/results/run_summary.json``, and exits non-zero if any notebook failed.
 
@@ -361,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     ap.add_argument("--jobs", "-j", type=int, default=None,
                     help=f"notebooks run at once (default: the number of CPU cores, {default_jobs()} here)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads per notebook (default 1, or OMP_NUM_THREADS when set): as make test")
     ap.add_argument("--list", action="store_true", help="list the notebooks and exit")
     args = ap.parse_args(argv)
 
@@ -387,10 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    parallel = min(jobs, len(tasks))
-    env = {}
-    if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:  # each kernel gets its share of the cores
-        env["OMP_NUM_THREADS"] = str(max(1, default_jobs() // parallel))
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
+    threads = str(args.threads) if args.threads is not None else os.environ.get("OMP_NUM_THREADS", "1")
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}  # read by torch when the kernel starts
     results = run_many(tasks, jobs, env)
     rows = [{"notebook": t["path"].stem, "status": s, "seconds": round(sec, 1), "parameters": t["parameters"],
              "error": msg} for t, (s, sec, msg) in zip(tasks, results)]

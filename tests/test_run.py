@@ -164,3 +164,15 @@ def test_notebook_00_quick_retrain(tmp_path, isolated_root):
     assert (isolated_root / "figures" / "00_training_curves.png").exists() or \
         (isolated_root / "figures" / "00_training_curves.html").exists()
     assert not (isolated_root / "data" / "results" / "00_toy_world.json").exists()  # quick runs don't report
+
+
+def test_kernels_get_one_thread_as_make_test_gives_them(tmp_path, monkeypatch, isolated_root):
+    books = tmp_path / "books"
+    books.mkdir()
+    _notebook(books / "00_threads.ipynb", "import os\nprint(os.environ.get('OMP_NUM_THREADS'))")
+    monkeypatch.setattr(run, "NOTEBOOKS_DIR", books)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for extra, want in (([], "1"), (["--threads", "2"], "2")):
+        assert run.main(["--out", str(tmp_path / "out"), "--jobs", "1", *extra]) == 0
+        out = nbformat.read(tmp_path / "out" / "00_threads.ipynb", as_version=4)
+        assert out.cells[-1].outputs[0]["text"].strip() == want
