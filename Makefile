@@ -5,6 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Test workers: one per CPU core (each notebook is one unit of work on one core).
+JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: setup reproduce test unit notebooks models bench chromium clean-cache lab
 
@@ -34,15 +36,19 @@ chromium:
 reproduce: setup
 	$(PY) -m lib.run
 
-# Unit tests plus nbval over every notebook (outputs of `# NBVAL_CHECK_OUTPUT` cells compared).
-# Notebooks write their figures and results into a scratch folder, so the checkout stays clean.
+# Unit tests plus nbval over every notebook, $(JOBS) at a time (pytest-xdist; a notebook and its
+# results check stay on one worker). nbval compares the text of `# NBVAL_CHECK_OUTPUT` cells (exact
+# by construction); each notebook's results JSON is compared with the committed one within the
+# tolerances of notebooks/NN_name.check.toml (notebooks/conftest.py); a table of each notebook's
+# wall time ends the run. One thread per worker: the same numbers on every machine and no
+# oversubscription. Notebooks write figures and results into a scratch folder: the checkout stays clean.
 test: setup
 	@scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
-	COMPENDIUM_ROOT=$$scratch COMPENDIUM_QUIET=1 HF_HUB_OFFLINE=1 \
-	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+	COMPENDIUM_ROOT=$$scratch COMPENDIUM_QUIET=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider -n $(JOBS) --dist loadfile
 
 unit: setup
-	$(PY) -m pytest tests -p no:cacheprovider
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -p no:cacheprovider -n $(JOBS) --dist loadfile
 
 # Retrain the toy-world models (CPU: about an hour for all four; see data/models/*/provenance.json).
 models: setup
@@ -51,8 +57,9 @@ models: setup
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+# JupyterLab refuses to start as root without --allow-root (and root is what apt above expects).
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean-cache:
 	rm -rf data/cache

@@ -194,22 +194,36 @@ def resid_hooks(model, layers: Sequence[int] | None = None, kind: str = "resid_p
 # the on-disk cache
 # --------------------------------------------------------------------------------------------
 def model_fingerprint(model) -> str:
-    """A hash of a model's weights: every parameter's name, shape, dtype, sum and a strided sample.
+    """A hash of everything that decides a model's activations: every parameter and every buffer,
+    byte for byte (name, shape, dtype and values), and the config's sizes.
 
-    Any training step or weight edit changes it; computing it costs one pass over the weights.
+    Hooks change activations without changing a weight, so a model with hooks attached (a
+    TransformerLens ``add_hook``, a torch hook on one of its modules) is refused: its activations
+    cannot be cached under its weights.  Hashing all the bytes costs less than one forward pass over a dataset.
     """
+    # The bridge wires its own capture hooks into the wrapped Hugging Face modules
+    # (``..._original_component...``) on the first forward pass; those are machinery, not changes.
+    hooked = [name or type(model).__name__ for name, m in model.named_modules()
+              if "_original_component" not in name
+              and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None))]
+    from torch.nn.modules import module as _torch_module
+
+    if hooked or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+        raise RuntimeError(
+            f"The model has hooks attached ({', '.join(hooked[:5]) or 'global module hooks'}"
+            f"{', ...' if len(hooked) > 5 else ''}): its activations depend on them, so they cannot be cached "
+            "under its weights. Remove them first (model.reset_hooks()), or pass cache=False.")
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     cfg = getattr(model, "cfg", None)
     for field in ("n_layers", "d_model", "d_vocab", "n_ctx", "n_heads"):
         h.update(f"{field}={getattr(cfg, field, None)};".encode())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy()
-            total = torch.sum(flat, dtype=torch.float64).item() if flat.numel() else 0.0
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}{total!r}".encode())
-            h.update(sample.tobytes())
+        for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                h.update(f"{kind}:{name}{tuple(t.shape)}{t.dtype};".encode())
+                if t.numel() and t.device.type != "meta":
+                    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -77,6 +77,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, str]:
     if (toy_dir / "config.json").exists():
         return "toy", str(toy_dir)
     local = Path(text).expanduser()
+    if local.is_file():
+        raise ModelNotFoundError(
+            f"{local} is a file, not a model directory: pass the folder that holds its config.json, weights "
+            f"and tokenizer (here probably {local.parent})."
+        )
     if local.is_dir():
         if not (local / "config.json").exists():
             raise ModelNotFoundError(

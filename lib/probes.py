@@ -49,9 +49,25 @@ def _check_xy(X: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     X, y = as_array(X), _labels(y)
     if X.ndim != 2 or X.shape[0] != y.shape[0]:
         raise ValueError(f"X must be (n, d) with one label per row; got X {X.shape}, y {y.shape}")
-    if len(np.unique(y)) < 2:
-        raise ValueError("both classes (0 and 1) are needed to fit a probe")
+    check_two_classes(y)
+    if not np.isfinite(X).all():
+        bad = np.flatnonzero(~np.isfinite(X).all(1))
+        raise ValueError(f"X has NaN or infinite values in {len(bad)} row(s) (first: row {int(bad[0])}); "
+                         "check the activations (a float16 overflow?) before fitting a probe")
     return X, y
+
+
+def check_two_classes(y: ArrayLike, what: str = "the training data") -> None:
+    """Refuse labels of one class only: no probe (and no held-out accuracy) means anything there."""
+    y = _labels(y)
+    if len(y) == 0:
+        raise ValueError(f"{what} has no rows; a probe needs examples of both classes")
+    counts = np.bincount(y, minlength=2)
+    if counts.min() == 0:
+        only = int(np.argmax(counts))
+        raise ValueError(
+            f"{what} has only label {only} ({'true' if only else 'false'}) in all {len(y)} rows; a probe needs "
+            "both classes, true (1) and false (0) statements. Check the dataset's label column, or the split.")
 
 
 def center(X: ArrayLike) -> np.ndarray:
@@ -79,7 +95,13 @@ class LinearProbe:
 
     def score(self, X: ArrayLike, y: ArrayLike) -> float:
         """Accuracy on ``(X, y)``."""
-        return float(np.mean(self.predict(X) == _labels(y)))
+        y = _labels(y)
+        if len(y) == 0:
+            raise ValueError("no rows to score the probe on (an empty test set)")
+        pred = self.predict(X)
+        if len(pred) != len(y):
+            raise ValueError(f"X has {len(pred)} rows but y has {len(y)} labels")
+        return float(np.mean(pred == y))
 
     def unit_direction(self) -> np.ndarray:
         """The direction scaled to unit L2 norm (d,)."""
@@ -251,6 +273,8 @@ def train_test_indices(y: ArrayLike, test_fraction: float = 0.2, seed: int = 0,
     are never split between training and testing.
     """
     y = _labels(y)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
     rng = np.random.default_rng(seed)
     if groups is not None:
         keys = pd.Series(list(groups)).astype(str).to_numpy()
@@ -260,6 +284,7 @@ def train_test_indices(y: ArrayLike, test_fraction: float = 0.2, seed: int = 0,
         held = set(rng.permutation(unique)[: int(round(test_fraction * len(unique)))].tolist())
         in_test = np.array([k in held for k in keys])
         return np.flatnonzero(~in_test), np.flatnonzero(in_test)
+    check_two_classes(y, "the dataset to split")  # a stratified split holds out both classes
     train, test = [], []
     for c in (0, 1):
         idx = rng.permutation(np.flatnonzero(y == c))
@@ -282,6 +307,9 @@ def generalization_matrix(make_probe: Callable[[], LinearProbe], train_sets: Map
         if args is None:
             rows[train_name] = {t: np.nan for t in test_sets}
             continue
+        y_train = args[-1] if args[-1] is not None else None
+        if y_train is not None:
+            check_two_classes(y_train, f"training set {train_name!r}")
         probe = make_probe().fit(*args)
         rows[train_name] = {t: probe.score(X, y) for t, (X, y) in test_sets.items()}
     frame = pd.DataFrame.from_dict(rows, orient="index")

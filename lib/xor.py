@@ -167,8 +167,9 @@ def probe_accuracy(X: np.ndarray, y, split: Split, C: float = 1.0) -> float:
 def probe_table(acts: Mapping[str, np.ndarray], frame: pd.DataFrame, features: Sequence[str], split: Split,
                 C: float = 1.0, progress: bool = True) -> pd.DataFrame:
     """Held-out accuracy for every (layer, feature): a DataFrame indexed by layer (``acts``' keys)."""
-    from lib.utils import progress as bar
+    from lib.utils import as_names, progress as bar
 
+    features = as_names(features, "features")
     rows = {}
     cells = [(layer, f) for layer in acts for f in features]
     for layer, f in bar(cells, desc="probes", **({} if progress else {"disable": True})):
@@ -181,6 +182,9 @@ def probe_table(acts: Mapping[str, np.ndarray], frame: pd.DataFrame, features: S
 def majority_baseline(frame: pd.DataFrame, features: Sequence[str], split: Split) -> pd.Series:
     """Accuracy of always answering the training rows' majority class, per feature (about 0.5 on
     balanced data: the chance line of the heatmaps)."""
+    from lib.utils import as_names
+
+    features = as_names(features, "features")
     out = {}
     for f in features:
         y = _bits(frame[f])
@@ -233,6 +237,9 @@ def split_xor_name(feature: str) -> list[str]:
 
 def feature_order(features: Sequence[str]) -> list[str]:
     """Basic features first, then XORs by arity (the column order of the tables)."""
+    from lib.utils import as_names
+
+    features = as_names(features, "features")
     return sorted(features, key=lambda f: (len(split_xor_name(f)), list(features).index(f)))
 
 

@@ -149,3 +149,46 @@ def test_sequence_logprobs_and_next_token_logits(tiny_bridges):
         assert ours[i] == pytest.approx(logp.sum().item(), abs=1e-4)
         assert mean[i] == pytest.approx(logp.mean().item(), abs=1e-5)
         assert np.allclose(nxt[i], logits[0, -1, ids].numpy(), atol=1e-4)
+
+
+def test_fingerprint_sees_every_weight_and_buffer(tiny_bridges):
+    """Swapping two weights keeps every sum and most strided samples: it must still change the key."""
+    model = tiny_bridges["gpt2"]
+    before = A.model_fingerprint(model)
+    assert A.model_fingerprint(model) == before
+    name, param = max(model.named_parameters(), key=lambda kv: kv[1].numel())
+    flat = param.data.view(-1)
+    i, j = 1, flat.numel() - 2  # not on a stride of the old sampler, and a swap keeps the sum
+    with torch.no_grad():
+        flat[i], flat[j] = flat[j].clone(), flat[i].clone()
+    try:
+        assert A.model_fingerprint(model) != before, name
+    finally:
+        with torch.no_grad():
+            flat[i], flat[j] = flat[j].clone(), flat[i].clone()
+    assert A.model_fingerprint(model) == before
+    extra = torch.nn.Module()
+    extra.register_buffer("table", torch.zeros(4))
+    model.add_module("compendium_test_extra", extra)
+    try:
+        with_buffer = A.model_fingerprint(model)
+        extra.table[2] = 1.0
+        assert A.model_fingerprint(model) != with_buffer  # a buffer is part of the model
+    finally:
+        delattr(model, "compendium_test_extra")
+
+
+def test_no_caching_while_hooks_are_attached(tiny_bridges, tmp_path):
+    model = tiny_bridges["neox"]
+    store = A.ActivationCache(tmp_path)
+    clean = A.harvest(model, TEXTS, HOOKS[1], dataset="hooked", cache=store)
+    model.hook_dict[HOOKS[0]].add_hook(lambda act, hook: act * 2)  # a persistent hook upstream
+    try:
+        with pytest.raises(RuntimeError, match="hooks attached.*cache=False"):
+            A.harvest(model, TEXTS, HOOKS[1], dataset="hooked", cache=store)
+        hooked = A.harvest(model, TEXTS, HOOKS[1], cache=False)
+    finally:
+        model.reset_hooks()
+    assert not torch.allclose(hooked[HOOKS[1]], clean[HOOKS[1]])  # it would have served stale activations
+    again = A.harvest(model, TEXTS, HOOKS[1], dataset="hooked", cache=store)
+    assert torch.equal(again[HOOKS[1]], clean[HOOKS[1]])

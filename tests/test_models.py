@@ -89,3 +89,10 @@ def test_reset_models_keep_the_architecture_and_lose_the_training():
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="mode"):
         reset_model("toy-1l", "zero")
+
+
+def test_a_file_path_is_not_taken_for_a_hub_name(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not really")
+    with pytest.raises(ModelNotFoundError, match=rf"{weights} is a file, not a model directory.*{tmp_path}"):
+        load_model(weights)

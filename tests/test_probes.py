@@ -152,3 +152,24 @@ def test_pca_recovers_the_dominant_axis_with_stable_signs():
     assert comps[0, 0] > 0 and comps[1, 1] > 0
     assert coords.shape == (500, 2) and ratio[0] > ratio[1] > 0
     assert np.allclose(coords, center(X) @ comps.T)
+
+
+def test_a_dataset_of_one_class_is_refused_for_probing():
+    """A dataset whose labels are all 1 (a filtered CSV, a broken label column) used to split and
+    probe into meaningless accuracies: each entry point now says what is wrong."""
+    X, y = np.random.default_rng(0).normal(size=(40, 3)), np.ones(40, dtype=int)
+    with pytest.raises(ValueError, match=r"only label 1 \(true\) in all 40 rows.*both classes, true \(1\) and false \(0\)"):
+        train_test_indices(y, 0.2)
+    with pytest.raises(ValueError, match="only label 1"):
+        LogisticProbe().fit(X, y)
+    good = (X, np.arange(40) % 2)
+    with pytest.raises(ValueError, match="training set 'all_true' has only label 1"):
+        generalization_matrix(DiffMeanProbe, {"ok": good, "all_true": (X, y)}, {"ok": good})
+    with pytest.raises(ValueError, match="empty test set"):
+        DiffMeanProbe().fit(*good).score(X[:0], y[:0])
+    with pytest.raises(ValueError, match="NaN or infinite.*row 3"):
+        bad = X.copy()
+        bad[3, 1] = np.nan
+        DiffMeanProbe().fit(bad, good[1])
+    with pytest.raises(ValueError, match="test_fraction"):
+        train_test_indices(good[1], 1.5)

@@ -37,6 +37,93 @@ def test_find_notebooks_by_number_and_name(tmp_path):
 def test_parse_value():
     assert run.parse_value("3") == 3 and run.parse_value("[1, 2]") == [1, 2]
     assert run.parse_value("None") is None and run.parse_value("toy-4l") == "toy-4l"
+    # "-p quick false" used to arrive as the (truthy) string "false"
+    for text, value in [("false", False), ("False", False), ("FALSE", False), ("true", True), ("none", None),
+                        ("null", None), ("1e3", 1000.0), ("[true, null]", [True, None]), ('{"a": 1}', {"a": 1})]:
+        assert run.parse_value(text) == value and type(run.parse_value(text)) is type(value), text
+
+
+def _params_notebook(path: Path) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        'quick = False  # shrink everything\n'
+        'steps = 100    # training steps\n'
+        'lr = 0.01      # "learning" rate (a quote in a comment trips papermill\'s parser)\n'
+        'model = "toy-2l"\n'
+        'ps = [0.1, 0.2]\n'
+        'device = None', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print(quick, steps, lr, model, ps, device)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_parameters_are_read_even_where_papermill_skips_a_line(tmp_path):
+    params = run.notebook_parameters(_params_notebook(tmp_path / "00_p.ipynb"))
+    assert list(params) == ["quick", "steps", "lr", "model", "ps", "device"]
+    assert params["steps"].help == "training steps" and params["lr"].default == "0.01"
+
+
+def test_parameters_fit_their_defaults_types(tmp_path):
+    book = _params_notebook(tmp_path / "00_p.ipynb")
+
+    def check(**typed):
+        return run.check_parameters(book, {k: run.parse_value(v) for k, v in typed.items()}, typed)
+
+    assert check(quick="false") == {"quick": False}
+    assert check(quick="True", steps="1e3", lr="1", model="123", device="cuda") == \
+        {"quick": True, "steps": 1000, "lr": 1.0, "model": "123", "device": "cuda"}
+    assert check(ps="[0.5]") == {"ps": [0.5]}
+    assert type(check(lr="1")["lr"]) is float
+    for name, text, expected in [("quick", "yes", "True/False"), ("steps", "2.5", "an integer"),
+                                 ("steps", "many", "an integer"), ("lr", "fast", "a number"), ("ps", "0.1", "a list")]:
+        with pytest.raises(run.ParameterError, match=expected):
+            check(**{name: text})
+    with pytest.raises(run.ParameterError, match=r"no parameter 'step' \(did you mean 'steps'\?\)") as err:
+        check(step="3")
+    for name in ("quick = False", "steps = 100", "model = \"toy-2l\"", "ps = [0.1, 0.2]", "device = None"):
+        assert name in str(err.value)  # every parameter listed, with its default
+
+
+def test_unknown_parameter_fails_at_once_naming_the_parameters(isolated_root):
+    out = subprocess.run([sys.executable, "-m", "lib.run", "--only", "00", "-p", "no_such_parameter", "1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert "no_such_parameter" in out.stderr and "models = [" in out.stderr and "retrain = False" in out.stderr
+    assert "->" not in out.stdout  # refused before any notebook started (no kernel, no summary)
+    assert not (isolated_root / "data" / "results" / "run_summary.json").exists()
+
+
+def test_every_profile_key_is_a_parameter_of_its_notebook():
+    for profile, by_notebook in run.PROFILES.items():
+        for number, params in by_notebook.items():
+            [book] = run.find_notebooks(number)
+            known = run.notebook_parameters(book)
+            missing = set(params) - set(known)
+            assert not missing, f"profile {profile!r} sets {sorted(missing)} that {book.stem} does not have"
+            run.check_parameters(book, params)  # and the values fit the defaults' types
+    assert "model" in run.notebook_parameters(run.find_notebooks("02")[0])  # 02 takes `model` like the others
+
+
+def test_a_failing_notebook_run_in_place_leaves_the_notebook_unchanged(tmp_path, monkeypatch, isolated_root):
+    books = tmp_path / "books"
+    books.mkdir()
+    book = _notebook(books / "00_fails.ipynb", "raise RuntimeError('boom')")
+    nb = nbformat.read(book, as_version=4)
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="the committed output\n")]
+    nbformat.write(nb, book)
+    before = book.read_bytes()
+    monkeypatch.setattr(run, "NOTEBOOKS_DIR", books)
+    monkeypatch.setattr(run, "failed_dir", lambda: tmp_path / "failed")
+    assert run.main(["--only", "00", "--jobs", "1"]) == 1
+    assert book.read_bytes() == before
+    assert sorted(p.name for p in books.iterdir()) == ["00_fails.ipynb"]  # no temporary left behind
+    kept = nbformat.read(tmp_path / "failed" / "00_fails.ipynb", as_version=4)
+    assert any(o.get("ename") == "RuntimeError" for c in kept.cells if c.cell_type == "code" for o in c.outputs)
+    # a successful run replaces it
+    _notebook(book, "print('fresh')")
+    assert run.main(["--only", "00", "--jobs", "1"]) == 0
+    assert nbformat.read(book, as_version=4).cells[1].outputs[0]["text"].strip() == "fresh"
 
 
 def test_runner_keeps_going_and_reports(tmp_path, monkeypatch, isolated_root):
@@ -47,7 +134,7 @@ def test_runner_keeps_going_and_reports(tmp_path, monkeypatch, isolated_root):
     _notebook(books / "02_ok.ipynb", "print(x)")
     monkeypatch.setattr(run, "NOTEBOOKS_DIR", books)
     out = tmp_path / "out"
-    code = run.main(["-p", "x", "5", "--out", str(out), "--only", "00,01,02"])
+    code = run.main(["-p", "x", "5", "--out", str(out), "--only", "00,01,02", "--jobs", "2"])  # in parallel
     assert code == 1  # one failed
     summary = json.loads((isolated_root / "data" / "results" / "run_summary.json").read_text())
     status = {r["notebook"]: r["status"] for r in summary["notebooks"]}
@@ -76,3 +163,15 @@ def test_notebook_00_quick_retrain(tmp_path, isolated_root):
     assert (isolated_root / "figures" / "00_training_curves.png").exists() or \
         (isolated_root / "figures" / "00_training_curves.html").exists()
     assert not (isolated_root / "data" / "results" / "00_toy_world.json").exists()  # quick runs don't report
+
+
+def test_kernels_get_one_thread_as_make_test_gives_them(tmp_path, monkeypatch, isolated_root):
+    books = tmp_path / "books"
+    books.mkdir()
+    _notebook(books / "00_threads.ipynb", "import os\nprint(os.environ.get('OMP_NUM_THREADS'))")
+    monkeypatch.setattr(run, "NOTEBOOKS_DIR", books)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for extra, want in (([], "1"), (["--threads", "2"], "2")):
+        assert run.main(["--out", str(tmp_path / "out"), "--jobs", "1", *extra]) == 0
+        out = nbformat.read(tmp_path / "out" / "00_threads.ipynb", as_version=4)
+        assert out.cells[-1].outputs[0]["text"].strip() == want

@@ -142,3 +142,41 @@ def test_a_new_architecture_plugs_in():
         ARCHITECTURES.pop("test-gated-like")
     with pytest.raises(ValueError, match="Unknown SAE architecture"):
         make_sae(SAEConfig(d_in=4, d_sae=8, architecture="nope"))
+
+
+def test_configs_refuse_impossible_values():
+    import numpy as np
+
+    from lib.sae.trainer import TrainConfig
+
+    assert SAEConfig(d_in=np.int64(8), d_sae=16).d_in == 8  # NumPy sizes are fine
+    for kwargs, match in [({"d_in": 0, "d_sae": 4}, "d_in must be a positive integer"),
+                          ({"d_in": 4, "d_sae": 2.5}, "d_sae must be a positive integer"),
+                          ({"d_in": 4, "d_sae": 8, "architecture": "topk", "k": 9}, "k = 9 exceeds d_sae = 8"),
+                          ({"d_in": 4, "d_sae": 8, "k": 0}, "k .TopK"),
+                          ({"d_in": 4, "d_sae": 8, "dtype": "float33"}, "not a torch dtype"),
+                          ({"d_in": 4, "d_sae": 8, "jumprelu_bandwidth": 0}, "bandwidth")]:
+        with pytest.raises(ValueError, match=match):
+            SAEConfig(**kwargs)
+    with pytest.raises(ValueError, match="Unknown SAE architecture 'relux'"):
+        make_sae(SAEConfig(d_in=4, d_sae=8, architecture="relux"))
+    for kwargs, match in [({"total_tokens": 100, "batch_size": 256}, "less than one batch"),
+                          ({"total_tokens": 1000, "lr": 0}, "lr must be > 0"),
+                          ({"total_tokens": 1000, "recon": "mae"}, "recon must be"),
+                          ({"total_tokens": 1000, "autocast_dtype": "bf16"}, "not a torch dtype"),
+                          ({"total_tokens": 1000, "sparsity_coefficient": -1}, "sparsity_coefficient"),
+                          ({"total_tokens": 1000, "lr_decay_frac": 2}, "fractions"),
+                          ({"total_tokens": "1e6"}, "total_tokens must be a positive integer")]:
+        kwargs.setdefault("batch_size", 10)
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kwargs)
+
+
+def test_training_says_when_the_data_runs_out_or_has_the_wrong_width():
+    from lib.sae.trainer import Trainer, TrainConfig
+
+    sae = make_sae(SAEConfig(d_in=4, d_sae=8), seed=0)
+    with pytest.raises(RuntimeError, match="ran out at step 2 of 5"):
+        Trainer(sae, iter([torch.randn(10, 4)] * 2), TrainConfig(total_tokens=50, batch_size=10)).fit()
+    with pytest.raises(ValueError, match=r"served \(10, 5\); the SAE needs \[batch, 4\]"):
+        Trainer(sae, iter([torch.randn(10, 5)]), TrainConfig(total_tokens=50, batch_size=10)).fit()

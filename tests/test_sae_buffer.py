@@ -109,3 +109,28 @@ def test_activation_cache_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["acts.safetensors"]  # no temporary left behind
     with pytest.raises(FileNotFoundError, match="harvest_activations"):
         load_activations(tmp_path / "missing.safetensors")
+
+
+def test_a_truncated_activation_file_is_named(tmp_path):
+    path = save_activations(tmp_path / "acts.safetensors", {HOOK: torch.randn(30, 4)})
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match="acts.safetensors is not a readable safetensors file"):
+        load_activations(path)
+
+
+def test_sources_fingerprint_what_they_serve(tiny_bridges):
+    acts = torch.randn(20, 3)
+    fp = TensorSource(acts, 5, seed=0).fingerprint()
+    assert fp == TensorSource(acts.clone(), 5, seed=0).fingerprint()
+    swapped = acts.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    for other in (TensorSource(swapped, 5), TensorSource(acts, 4), TensorSource(acts, 5, seed=1),
+                  TensorSource(acts, 5, scale=2.0)):
+        assert other.fingerprint() != fp
+    model = tiny_bridges["neox"]
+    cfg = BufferConfig(hook_name=HOOK, context_size=32, batch_size=8, buffer_tokens=32)
+    fp = ActivationBuffer(model, TEXTS, cfg).fingerprint()
+    assert ActivationBuffer(model, list(TEXTS), cfg).fingerprint() == fp
+    assert ActivationBuffer(model, TEXTS[:-1], cfg).fingerprint() != fp
+    assert ActivationBuffer(model, TEXTS, BufferConfig(hook_name=HOOK, context_size=16, batch_size=8,
+                                                       buffer_tokens=32)).fingerprint() != fp

@@ -10,7 +10,7 @@ from lib.sae.base import SAEConfig, make_sae
 from lib.sae.io import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, save_sae
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae_lens is a test dependency (pip install -e .[dev])")
-ARCHS = ["relu", "topk", "jumprelu"]
+ARCHS = ["relu", "topk", "jumprelu", "gated", "gated_noaux"]
 HOOK = "blocks.1.hook_resid_post"
 
 
@@ -23,6 +23,9 @@ def _trained_looking(arch: str):
         sae.b_enc.copy_(0.1 * torch.randn(40))
         if arch == "jumprelu":
             sae.threshold.copy_(0.3 * torch.rand(40))
+        if arch.startswith("gated"):
+            sae.r_mag.copy_(0.2 * torch.randn(40))
+            sae.b_mag.copy_(0.1 * torch.randn(40))
     return sae
 
 
@@ -44,7 +47,7 @@ def test_ours_loads_in_saelens_with_same_outputs(tmp_path, arch):
     sae = _trained_looking(arch)
     save_sae(sae, tmp_path / "sae")
     theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")
-    assert theirs.cfg.architecture() == {"relu": "standard"}.get(arch, arch)
+    assert theirs.cfg.architecture() == {"relu": "standard", "gated_noaux": "gated"}.get(arch, arch)
     assert theirs.cfg.metadata.hook_name == HOOK
     x = torch.randn(30, 12)
     with torch.no_grad():
@@ -59,7 +62,8 @@ def _saelens_sae(arch: str, **cfg_kwargs):
 
     classes = {"standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
                "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
-               "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig)}
+               "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+               "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig)}
     cls, cfg_cls = classes[arch]
     torch.manual_seed(1)
     sae = cls(cfg_cls(d_in=12, d_sae=40, metadata=SAEMetadata(hook_name=HOOK, model_name="toy-2l"), **cfg_kwargs))
@@ -68,6 +72,9 @@ def _saelens_sae(arch: str, **cfg_kwargs):
             p.copy_(torch.randn_like(p) * 0.3)
         if arch == "jumprelu":
             sae.threshold.copy_(0.2 * torch.rand(40))
+        if arch == "gated":  # gates open for about half the latents
+            sae.b_gate.copy_(0.1 * torch.randn(40))
+            sae.b_mag.copy_(0.5 + 0.1 * torch.randn(40))
     return sae
 
 
@@ -77,6 +84,8 @@ def _saelens_sae(arch: str, **cfg_kwargs):
     ("topk", {"k": 6}),
     ("topk", {"k": 6, "rescale_acts_by_decoder_norm": True}),  # folded into the weights on load
     ("jumprelu", {}),
+    ("gated", {}),
+    ("gated", {"apply_b_dec_to_input": False}),  # folded into b_gate and b_mag on load
 ])
 def test_saelens_sae_loads_here_with_same_outputs(tmp_path, arch, kwargs):
     theirs = _saelens_sae(arch, **kwargs)
@@ -85,6 +94,7 @@ def test_saelens_sae_loads_here_with_same_outputs(tmp_path, arch, kwargs):
     assert ours.cfg.hook_name == HOOK and ours.cfg.d_sae == 40
     x = torch.randn(30, 12)
     with torch.no_grad():
+        assert int((theirs.encode(x) != 0).sum()) > 0  # a test that compares something
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.encode(x), theirs.encode(x), atol=1e-5, rtol=1e-5)
         f = theirs.encode(x)
@@ -101,3 +111,31 @@ def test_load_errors_are_explicit(tmp_path):
     (tmp_path / "s" / CFG_FILENAME).write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="normalize_activations"):
         load_sae(tmp_path / "s")
+
+
+def test_gated_round_trips_through_saelens_exactly(tmp_path):
+    """ours -> SAELens -> ours: the same parameters, bit for bit (b_enc <-> b_gate)."""
+    sae = _trained_looking("gated")
+    save_sae(sae, tmp_path / "ours")
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "ours")
+    assert theirs.b_enc is None and torch.equal(theirs.b_gate, sae.b_enc)
+    theirs.save_model(tmp_path / "theirs")
+    back = load_sae(tmp_path / "theirs")
+    for name, value in sae.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+
+
+def test_truncated_or_misplaced_files_are_named(tmp_path):
+    sae = _trained_looking("relu")
+    path = save_sae(sae, tmp_path / "sae")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        load_sae(path / CFG_FILENAME)
+    text = (path / CFG_FILENAME).read_text()
+    (path / CFG_FILENAME).write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"cfg\.json is not valid JSON.*truncated"):
+        load_sae(path)
+    (path / CFG_FILENAME).write_text(text)
+    weights = (path / WEIGHTS_FILENAME).read_bytes()
+    (path / WEIGHTS_FILENAME).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors is not a readable safetensors file"):
+        load_sae(path)

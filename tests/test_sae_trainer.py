@@ -145,3 +145,88 @@ def test_training_is_scale_equivariant_with_scaled_bias_lr():
     torch.testing.assert_close(b.W_dec, a.W_dec, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(b.b_enc, 4 * a.b_enc, atol=4e-3, rtol=1e-3)
     torch.testing.assert_close(b.b_dec, 4 * a.b_dec, atol=4e-3, rtol=1e-3)
+
+
+# --- resuming: only the same run continues ----------------------------------------------------------
+import pytest  # noqa: E402
+
+from lib.sae.trainer import CheckpointError, ResumeWarning  # noqa: E402
+
+
+def _resume_setup(tmp_path, **overrides):
+    x, _ = sparse_data(n=1024)
+    cfg = SAEConfig(d_in=16, d_sae=32)
+    base = dict(total_tokens=64 * 10, batch_size=64, checkpoint_dir=str(tmp_path), checkpoint_every=5,
+                sparsity_coefficient=0.05, lr=1e-3)
+    Trainer(make_sae(cfg, seed=0), TensorSource(x, 64, seed=0), TrainConfig(**base)).fit()
+    return x, cfg, TrainConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("field,value", [("lr", 3e-3), ("total_tokens", 64 * 20), ("sparsity_coefficient", 0.5)])
+def test_resume_refuses_a_changed_configuration(tmp_path, field, value):
+    x, cfg, changed = _resume_setup(tmp_path, **{field: value})
+    with pytest.raises(CheckpointError, match=rf"{field} .* in the checkpoint, .* now") as err:
+        Trainer(make_sae(cfg, seed=0), TensorSource(x, 64, seed=0), changed)
+    assert str(tmp_path / CHECKPOINT_NAME) in str(err.value)
+
+
+def test_resume_accepts_changes_that_do_not_touch_the_math(tmp_path):
+    x, cfg, changed = _resume_setup(tmp_path, log_every=7, checkpoint_every=3)
+    assert Trainer(make_sae(cfg, seed=0), TensorSource(x, 64, seed=0), changed).step == 10
+
+
+def test_a_finished_checkpoint_is_not_reused_with_new_data(tmp_path):
+    x, cfg, same = _resume_setup(tmp_path)
+    assert Trainer(make_sae(cfg, seed=0), TensorSource(x, 64, seed=0), same).step == 10  # same data: reused
+    with pytest.raises(CheckpointError, match="different data.*finished"):
+        Trainer(make_sae(cfg, seed=0), TensorSource(x + 1.0, 64, seed=0), same)
+    with pytest.raises(CheckpointError, match="different data"):  # a different order is other data too
+        Trainer(make_sae(cfg, seed=0), TensorSource(x, 64, seed=5), same)
+
+
+class NoPositionSource:
+    """A data source that cannot save its position (no state_dict)."""
+
+    def __init__(self, src, fail_after: int | None = None):
+        self.src, self.left = src, fail_after
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.left == 0:
+            raise KeyboardInterrupt
+        if self.left is not None:
+            self.left -= 1
+        return next(self.src)
+
+
+def test_resume_says_when_the_data_order_cannot_be_restored(tmp_path):
+    x, _ = sparse_data(n=1024)
+    cfg = SAEConfig(d_in=16, d_sae=32)
+    tc = TrainConfig(total_tokens=64 * 20, batch_size=64, checkpoint_dir=str(tmp_path), checkpoint_every=5)
+    try:  # killed during step 8: the checkpoint at step 5 has no data position
+        Trainer(make_sae(cfg, seed=0), NoPositionSource(TensorSource(x, 64), fail_after=7), tc).fit()
+    except KeyboardInterrupt:
+        pass
+    with pytest.warns(ResumeWarning, match="data order cannot be restored"):
+        tr = Trainer(make_sae(cfg, seed=0), NoPositionSource(TensorSource(x, 64)), tc)
+    assert tr.step == 5
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"\x80\x02garbage"])
+def test_an_empty_or_truncated_checkpoint_is_named(tmp_path, content):
+    (tmp_path / CHECKPOINT_NAME).write_bytes(content)
+    x, _ = sparse_data(n=256)
+    tc = TrainConfig(total_tokens=64 * 4, batch_size=64, checkpoint_dir=str(tmp_path))
+    with pytest.raises(CheckpointError, match="(?i)delete it") as err:
+        Trainer(make_sae(SAEConfig(d_in=16, d_sae=32), seed=0), TensorSource(x, 64), tc)
+    assert str(tmp_path / CHECKPOINT_NAME) in str(err.value)
+
+
+def test_a_cut_real_checkpoint_is_named(tmp_path):
+    x, cfg, same = _resume_setup(tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a checkpoint"):
+        Trainer(make_sae(cfg, seed=0), TensorSource(x, 64, seed=0), same)

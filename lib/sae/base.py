@@ -54,6 +54,16 @@ class SAEConfig:
     prepend_bos: bool = True  # whether training contexts started with BOS (metadata)
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        for name, what in (("d_in", "d_in"), ("d_sae", "d_sae"), ("k", "k (TopK latents per token)")):
+            setattr(self, name, positive_int(getattr(self, name), f"SAEConfig.{what}"))
+        if self.architecture == "topk" and self.k > self.d_sae:
+            raise ValueError(f"SAEConfig.k = {self.k} exceeds d_sae = {self.d_sae}: a TopK SAE keeps k of its d_sae latents")
+        if not self.jumprelu_bandwidth > 0:
+            raise ValueError(f"SAEConfig.jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth!r}")
+        if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+            raise ValueError(f"SAEConfig.dtype {self.dtype!r} is not a torch dtype; use e.g. 'float32' or 'bfloat16'")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -61,6 +71,21 @@ class SAEConfig:
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def positive_int(value: Any, what: str) -> int:
+    """``value`` as an int >= 1 (NumPy and torch integers too), or a ``ValueError`` naming ``what``."""
+    import operator
+
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return number
 
 
 ARCHITECTURES: dict[str, type["SAE"]] = {}

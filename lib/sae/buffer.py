@@ -17,6 +17,7 @@ ids, so a tokenizer whose pad token is its BOS token (GPT-2) is handled too.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -26,7 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from lib.utils import progress
+from lib.utils import as_names, progress, require_texts
 
 
 @dataclass
@@ -101,6 +102,7 @@ def hook_layer(hook_name: str) -> int | None:
 @torch.no_grad()
 def run_hooks(model, batch: TokenBatch, hooks: Sequence[str]) -> dict[str, torch.Tensor]:
     """Activations [n, pos, d] at ``hooks`` for one token batch (stops after the last block needed)."""
+    hooks = as_names(hooks, "hooks")
     missing = [h for h in hooks if h not in model.hook_dict]
     if missing:
         raise KeyError(f"hook(s) {missing} not in the model; see lib.models.hook_names(model)")
@@ -147,17 +149,23 @@ def save_activations(path: str | os.PathLike, acts: dict[str, torch.Tensor], met
 
 def load_activations(path: str | os.PathLike, hooks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """Read a file written by :func:`save_activations` (all hooks, or only ``hooks``)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No activation cache at {path}; build it with harvest_activations + save_activations")
-    with safe_open(str(path), framework="pt") as f:
-        names = list(f.keys()) if hooks is None else list(hooks)
-        missing = [h for h in names if h not in f.keys()]
-        if missing:
-            raise KeyError(f"{path} has no activations for {missing}; it has {list(f.keys())}")
-        return {h: f.get_tensor(h) for h in names}
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; load_activations reads one .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys()) if hooks is None else as_names(hooks, "hooks")
+            missing = [h for h in names if h not in f.keys()]
+            if missing:
+                raise KeyError(f"{path} has no activations for {missing}; it has {list(f.keys())}")
+            return {h: f.get_tensor(h) for h in names}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or of another "
+                         "format. Delete it and harvest again (harvest_activations + save_activations).") from err
 
 
 class TensorSource:
@@ -197,6 +205,13 @@ class TensorSource:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 
+    def fingerprint(self) -> str:
+        """What this source serves: a hash of the activations, the batch size, seed and scale
+        (the SAE trainer refuses to resume a checkpoint trained on other data)."""
+        h = hashlib.sha256(f"{tuple(self.acts.shape)}|{self.acts.dtype}|{self.batch_size}|{self.seed}|{self.scale!r}".encode())
+        h.update(self.acts.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._perm = self._permutation()
@@ -230,7 +245,7 @@ class ActivationBuffer:
     def __init__(self, model, texts: Sequence[str], cfg: BufferConfig):
         if cfg.buffer_tokens < 2 * cfg.batch_size:
             raise ValueError(f"buffer_tokens ({cfg.buffer_tokens}) should be at least 2 x batch_size ({cfg.batch_size})")
-        self.model, self.texts, self.cfg = model, list(texts), cfg
+        self.model, self.texts, self.cfg = model, require_texts(texts), cfg
         if not self.texts:
             raise ValueError("ActivationBuffer needs at least one text")
         self._reset()
@@ -288,6 +303,17 @@ class ActivationBuffer:
 
     def state_dict(self) -> dict:
         return {"n_served": self.n_served}
+
+    def fingerprint(self) -> str:
+        """What this buffer serves: a hash of the texts, the config and the model's weights and buffers."""
+        h = hashlib.sha256(repr(sorted(vars(self.cfg).items())).encode())
+        for t in self.texts:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+        with torch.no_grad():
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+                h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+                h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def load_state_dict(self, state: dict) -> None:
         self._reset()

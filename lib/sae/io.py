@@ -2,7 +2,9 @@
 
 The weights file holds ``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``
 (+ ``threshold`` for JumpReLU), the names and shapes our modules use, so a folder written here
-loads with ``sae_lens.SAE.load_from_disk`` and one written by SAELens loads here.
+loads with ``sae_lens.SAE.load_from_disk`` and one written by SAELens loads here.  The gated SAE
+is the one whose names differ: SAELens calls the gate's bias ``b_gate`` (ours is ``b_enc``, the
+paper's ``b_gate``) and has no ``b_enc``; ``r_mag`` and ``b_mag`` agree (``RENAMES``).
 
 ``cfg.json`` follows SAELens 6: ``d_in, d_sae, dtype, device, apply_b_dec_to_input,
 normalize_activations, reshape_activations, architecture`` (+ ``k`` and
@@ -32,8 +34,15 @@ WEIGHTS_FILENAME = "sae_weights.safetensors"
 FORMAT_VERSION = "6.0.0"  # the SAELens on-disk format version these files follow
 
 # our architecture name -> SAELens's
-TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
-FROM_SAELENS = {v: k for k, v in TO_SAELENS.items()}
+TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+              "gated_noaux": "gated"}  # the no-aux ablation differs in training only
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+# per SAELens architecture: {our parameter name: SAELens's}
+RENAMES = {"gated": {"b_enc": "b_gate"}}
+
+
+class SAEFormatError(ValueError):
+    """An SAE folder whose cfg.json or weights cannot be read (truncated, not JSON, not safetensors)."""
 
 
 def sae_cfg_dict(sae: SAE) -> dict:
@@ -76,7 +85,8 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+        rename = RENAMES.get(TO_SAELENS.get(sae.cfg.architecture, ""), {})
+        state = {rename.get(k, k): v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILENAME))
         (tmp / CFG_FILENAME).write_text(json.dumps(sae_cfg_dict(sae), indent=2) + "\n")
         if path.exists():
@@ -121,15 +131,34 @@ def _config_from_saelens(d: dict) -> SAEConfig:
 
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE folder written by :func:`save_sae` or by SAELens (``save_model`` / ``save_inference_model``)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_file():
+        raise NotADirectoryError(f"{path} is a file; an SAE is a folder holding {CFG_FILENAME} and {WEIGHTS_FILENAME} "
+                                 "(pass the folder)")
     cfg_path, w_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
     if not cfg_path.exists() or not w_path.exists():
         raise FileNotFoundError(f"{path} is not an SAE folder: it needs {CFG_FILENAME} and {WEIGHTS_FILENAME}")
-    d = json.loads(cfg_path.read_text())
+    try:
+        d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SAEFormatError(f"{cfg_path} is not valid JSON ({err}): the file is truncated or damaged. Save the SAE "
+                             "again (lib.sae.io.save_sae or SAELens's save_model).") from err
+    if not isinstance(d, dict):
+        raise SAEFormatError(f"{cfg_path} holds {type(d).__name__}, not an SAE config object")
+    missing_keys = [k for k in ("d_in", "d_sae") if k not in d and "compendium_cfg" not in (d.get("metadata") or {})]
+    if missing_keys:
+        raise SAEFormatError(f"{cfg_path} lacks {missing_keys}: it is not an SAE config")
     cfg = _config_from_saelens(d)
-    state = load_file(str(w_path))
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError) as err:
+        raise SAEFormatError(f"{w_path} is not a readable safetensors file ({err}): it is truncated or damaged. "
+                             "Save the SAE again.") from err
+    rename = RENAMES.get(TO_SAELENS.get(cfg.architecture, ""), {})
+    state = {next((ours for ours, theirs in rename.items() if theirs == k), k): v for k, v in state.items()}
     ours = "compendium_cfg" in (d.get("metadata") or {})
     if not ours:
         state = _fold_saelens_options(d, cfg, state)
@@ -144,7 +173,10 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
 def _fold_saelens_options(d: dict, cfg: SAEConfig, state: dict) -> dict:
     state = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
     if not d.get("apply_b_dec_to_input", True) and "b_enc" in state:
-        state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
+        shift = state["b_dec"] @ state["W_enc"]
+        state["b_enc"] = state["b_enc"] + shift
+        if "b_mag" in state and "r_mag" in state:  # the gated magnitude path reads W_enc * exp(r_mag)
+            state["b_mag"] = state["b_mag"] + shift * state["r_mag"].exp()
     norms = state["W_dec"].norm(dim=-1)
     if cfg.architecture == "topk" and d.get("rescale_acts_by_decoder_norm", False):
         state["W_enc"] = state["W_enc"] * norms

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from lib.sae.buffer import TokenBatch, tokenize
 from lib.sae.splice import run_spliced, sae_replacement, splice_hook, zero_replacement
+from lib.utils import as_names
 
 CONVENTIONS = ("ours", "saelens_old", "saelens_now", "dictionary_learning")
 DL_ALIVE_TOKENS = 8192  # the seed: "whether neurons are alive on a (somewhat small) batch of 8192 tokens"
@@ -270,6 +271,7 @@ def collect(sae, model, hook: str | None, tokens, *, attention_mask: torch.Tenso
     hook = hook or sae.cfg.hook_name
     if not hook:
         raise ValueError("No hook given and the SAE's cfg.hook_name is empty")
+    conventions = as_names(conventions, "conventions")
     bad = [c for c in conventions if c not in CONVENTIONS]
     if bad:
         raise ValueError(f"unknown convention(s) {bad}; choose from {CONVENTIONS}")

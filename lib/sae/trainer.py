@@ -18,20 +18,29 @@ or a :class:`~lib.sae.buffer.TensorSource`).  Each step:
 5. every ``checkpoint_every`` steps, an atomic checkpoint (SAE, optimizer, step, bookkeeping,
    data position, RNG) from which ``Trainer(..., resume=True)`` continues exactly.
 
+Resuming checks that it continues the same run: the SAE config and the training config must
+match the checkpoint's (only ``RESUMABLE_CHANGES`` may differ), and so must the data, when the
+source can say what it serves (``fingerprint()``, as :class:`~lib.sae.buffer.TensorSource` and
+:class:`~lib.sae.buffer.ActivationBuffer` do).  A mismatch is refused with a message.  A source
+that cannot save its position (no ``state_dict``) restarts from its beginning, with a
+:class:`ResumeWarning` saying so.
+
 A progress bar shows live L0, MSE and fraction alive; ``history`` holds them every ``log_every`` steps.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from lib.sae.base import SAE, SAEConfig, make_sae
+from lib.sae.base import SAE, SAEConfig, make_sae, positive_int
 from lib.utils import progress
 
 
@@ -59,12 +68,50 @@ class TrainConfig:
     autocast_dtype: str | None = None  # e.g. "bfloat16": run forward/backward under torch.autocast
     compile: bool = False  # torch.compile the loss
 
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {what}")
+
+        for name in ("total_tokens", "batch_size", "checkpoint_every", "log_every", "dead_after_tokens"):
+            setattr(self, name, positive_int(getattr(self, name), f"TrainConfig.{name}"))
+        need(self.total_tokens >= self.batch_size,
+             f"total_tokens ({self.total_tokens}) is less than one batch ({self.batch_size})")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        need(self.sparsity_coefficient >= 0, f"sparsity_coefficient must be >= 0, got {self.sparsity_coefficient!r}")
+        need(0 <= self.sparsity_warmup_frac <= 1 and 0 <= self.lr_decay_frac <= 1 and 0 <= self.resample_until_frac <= 1,
+             "sparsity_warmup_frac, lr_decay_frac and resample_until_frac are fractions in [0, 1]")
+        need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps!r}")
+        need(self.recon in ("mse", "mse_batch_var", "l2"), f"recon must be 'mse', 'mse_batch_var' or 'l2', got {self.recon!r}")
+        need(self.init_b_dec in ("mean", "zeros"), f"init_b_dec must be 'mean' or 'zeros', got {self.init_b_dec!r}")
+        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.resample_every is not None:
+            self.resample_every = positive_int(self.resample_every, "TrainConfig.resample_every (steps, or None)")
+        need(self.autocast_dtype is None or isinstance(getattr(torch, str(self.autocast_dtype), None), torch.dtype),
+             f"autocast_dtype {self.autocast_dtype!r} is not a torch dtype (e.g. 'bfloat16') or None")
+
     @property
     def n_steps(self) -> int:
         return max(1, self.total_tokens // self.batch_size)
 
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# TrainConfig fields that may change between a run and its resumption: they do not touch the math
+RESUMABLE_CHANGES = frozenset({"checkpoint_dir", "checkpoint_every", "log_every", "compile"})
+
+
+class ResumeWarning(UserWarning):
+    """A resumed run that cannot be exactly the uninterrupted one (e.g. the data order restarts)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: unreadable, or from a different SAE, config or data."""
+
+
+def data_fingerprint(data) -> str | None:
+    """What a data source serves, as a string (``data.fingerprint()``), or None when it cannot say."""
+    fp = getattr(data, "fingerprint", None)
+    return fp() if callable(fp) else None
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -108,6 +155,7 @@ class Trainer:
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self._loss_fn = torch.compile(sae.loss) if cfg.compile else sae.loss
         ckpt = self.checkpoint_path
+        self._data_fp = data_fingerprint(data) if ckpt is not None else None
         if resume and ckpt is not None and ckpt.exists():
             self.load_checkpoint(ckpt)
 
@@ -138,7 +186,17 @@ class Trainer:
                        total=cfg.n_steps)
         sae.train()
         for step in bar:
-            x = next(self.data).to(self.device, non_blocking=True)
+            try:
+                x = next(self.data)
+            except StopIteration:
+                raise RuntimeError(
+                    f"The data source ran out at step {step} of {cfg.n_steps} ({step * cfg.batch_size} of "
+                    f"{cfg.total_tokens} tokens): give it more data, let it loop (BufferConfig.loop=True), or lower "
+                    "total_tokens.") from None
+            if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[-1] != sae.cfg.d_in:
+                raise ValueError(f"The data source served {tuple(getattr(x, 'shape', ())) or type(x).__name__}; the SAE "
+                                 f"needs [batch, {sae.cfg.d_in}] activations (its hook: {sae.cfg.hook_name or '?'})")
+            x = x.to(self.device, non_blocking=True)
             if step == 0 and cfg.init_b_dec == "mean":
                 with torch.no_grad():
                     sae.b_dec.copy_(x.float().mean(0))
@@ -229,15 +287,36 @@ class Trainer:
             "n_resampled": self.n_resampled,
             "gen": self._gen.get_state(),
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            "data_fingerprint": self._data_fp,
             "train_cfg": asdict(self.cfg),
         }
         atomic_torch_save(state, self.checkpoint_path)
         return self.checkpoint_path
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        """Continue from the checkpoint at ``path``, after checking it belongs to this very run."""
+        state = _read_checkpoint(path, self.device)
         if state["sae_cfg"] != self.sae.cfg.to_dict():
-            raise ValueError(f"The checkpoint at {path} is for a different SAE config; delete it or pick another checkpoint_dir")
+            changed = _differences(state["sae_cfg"], self.sae.cfg.to_dict())
+            raise CheckpointError(f"The checkpoint at {path} is for a different SAE config ({changed}); delete it or "
+                                  "pick another checkpoint_dir")
+        saved_cfg = state.get("train_cfg") or {}
+        changed = _differences(saved_cfg, asdict(self.cfg), ignore=RESUMABLE_CHANGES)
+        if changed:
+            raise CheckpointError(
+                f"The checkpoint at {path} was trained with another configuration ({changed}). Resuming would "
+                f"mix two runs. Use the checkpoint's settings, or start afresh: delete {path} or pick another "
+                "checkpoint_dir.")
+        saved_fp = state.get("data_fingerprint")
+        if saved_fp is not None and self._data_fp is not None and saved_fp != self._data_fp:
+            finished = " (it has finished: nothing would be trained)" if state["step"] >= self.cfg.n_steps else ""
+            raise CheckpointError(
+                f"The checkpoint at {path} was trained on different data than this data source serves{finished}. "
+                "Delete it or pick another checkpoint_dir to train on the new data.")
+        if saved_fp is not None and self._data_fp is None and state["step"] > 0:
+            warnings.warn(f"Resuming {path} at step {state['step']}: this data source cannot say what it serves "
+                          "(no fingerprint()), so it cannot be checked to be the data the checkpoint was trained on.",
+                          ResumeWarning, stacklevel=3)
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         self.step = state["step"]
@@ -247,8 +326,50 @@ class Trainer:
         self._gen.set_state(state["gen"])
         if state["data"] is not None:
             if not hasattr(self.data, "load_state_dict"):
-                raise TypeError("The checkpoint recorded a data position but this data source cannot restore one")
+                raise CheckpointError(f"The checkpoint at {path} recorded a data position but this data source "
+                                      "cannot restore one (no load_state_dict); use the source it was trained with.")
             self.data.load_state_dict(state["data"])
+        elif self.step > 0 and self.step < self.cfg.n_steps:
+            warnings.warn(
+                f"Resuming {path} at step {self.step}: the data order cannot be restored (the source has no "
+                "state_dict), so the data starts again from its beginning and the run differs from an "
+                "uninterrupted one. TensorSource and ActivationBuffer save their position.",
+                ResumeWarning, stacklevel=3)
+
+
+def _differences(saved: dict, now: dict, ignore=frozenset()) -> str:
+    """``"lr 0.001 -> 0.003, total_tokens ..."`` for the fields that differ."""
+    def same(a, b):
+        return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+    keys = [k for k in dict.fromkeys([*saved, *now]) if k not in ignore]
+    diffs = [f"{k} {saved.get(k, '(absent)')!r} in the checkpoint, {now.get(k, '(absent)')!r} now"
+             for k in keys if not same(saved.get(k), now.get(k))]
+    return "; ".join(diffs)
+
+
+def _read_checkpoint(path: Path, device) -> dict:
+    """``torch.load`` of a checkpoint, with an error naming the file when it is empty, truncated or foreign."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise CheckpointError(f"The checkpoint {path} is empty (0 bytes). Checkpoints are written whole through "
+                                  "a rename, so it was cut elsewhere (a full disk, a copy): delete it to start over.")
+        state = torch.load(path, map_location=device, weights_only=False)
+    except CheckpointError:
+        raise
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        raise CheckpointError(
+            f"The checkpoint {path} cannot be read ({type(err).__name__}: {err}): it is truncated or not a "
+            "checkpoint. Delete it to start over, or point checkpoint_dir elsewhere.") from err
+    required = {"sae_cfg", "sae", "opt", "step", "tokens_since_fired", "history", "n_resampled", "gen", "data"}
+    if not isinstance(state, dict) or not required <= set(state):
+        raise CheckpointError(f"{path} is not an SAE training checkpoint (missing "
+                              f"{sorted(required - set(state)) if isinstance(state, dict) else 'everything'}); "
+                              "delete it or point checkpoint_dir elsewhere.")
+    return state
 
 
 def train_sae(sae_cfg: SAEConfig, data: Iterator[torch.Tensor], cfg: TrainConfig,
