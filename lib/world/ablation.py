@@ -8,7 +8,9 @@ Variants (everything else as :class:`lib.world.corpus.CorpusConfig`):
 
 * ``v1-debiased``: the first toy world's corpus with the bias removed: every document mixed
   (each statement true with probability 1/2), half the statements judged, no checks, no questions;
-* ``v2``: the default corpus (honest and liar documents, checks, questions, 60% judged);
+* ``v2``: honest and liar documents (a quarter each), checks, questions, 60% of mixed statements judged;
+* ``v3``: the default corpus (70% mixed documents, 80% of their statements judged, fewer checks),
+  trained in the builds with the curriculum (:data:`lib.world.corpus.CURRICULUM`);
 * ``v2-mixed-only``: v2 without honest and liar documents;
 * ``v2-no-forms``: v2 without the recall-then-judge checks and the questions;
 * ``v2-dense``: more verdicts: 70% mixed documents, 90% of their statements judged, questions but
@@ -34,7 +36,8 @@ from lib.world.registry import ModelSpec
 
 VARIANTS: dict[str, dict] = {
     "v1-debiased": dict(doc_modes={"mixed": 1.0}, check_prob=0.0, question_prob=0.0, judgement_prob=0.5),
-    "v2": {},
+    "v2": dict(doc_modes={"mixed": 0.5, "honest": 0.25, "liar": 0.25}, judgement_prob=0.6, check_prob=0.1),
+    "v3": {},
     "v2-mixed-only": dict(doc_modes={"mixed": 1.0}),
     "v2-no-forms": dict(check_prob=0.0, question_prob=0.0),
     "v2-dense": dict(doc_modes={"mixed": 0.7, "honest": 0.15, "liar": 0.15}, judgement_prob=0.9, check_prob=0.0,
@@ -65,7 +68,8 @@ def run(variant: str, layers: int, steps: int, d_model: int = 128, seed: int = 0
                    len(tokenizer), eval_every=250, probe=judgement_probe(tokenizer, names=names,
                                                                          min_population=cfg.min_population),
                    probe_every=probe_every, checkpoint=ckpt)
-    log = {"variant": variant, "corpus": cfg.to_dict(), "spec": spec_.to_dict(), **result.log}
+    log = {"variant": variant, "corpus": cfg.to_dict(), "spec": spec_.to_dict(),
+           **{k: result.log[k] for k in ("tokens_per_step", "eval_step", "eval_loss", "probe")}}
     path = Path(out or paths.data_dir() / "world" / "ablation") / f"{name}.json"
     atomic_write_text(path, json.dumps(log) + "\n")
     ckpt.unlink(missing_ok=True)

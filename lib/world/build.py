@@ -76,8 +76,24 @@ def judgement_probe(tokenizer, max_rows: int = 300, names=None, min_population: 
     return probe
 
 
+def _exit_with_parent() -> None:
+    """In a worker process: exit when the building process is gone (killed or interrupted), so
+    that no orphan keeps training and writing checkpoints."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None, threads: int,
-              provenance: dict, checkpoint_dir: str, probe_every: int) -> dict:
+              provenance: dict, checkpoint_dir: str, probe_every: int, worker: bool = False) -> dict:
     """Train ``spec`` on the token rows saved at ``data_path`` and save it under ``out_root``
     (runs in a worker process).  Returns the model's summary line."""
     from transformers import PreTrainedTokenizerFast
@@ -85,6 +101,8 @@ def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None,
     from lib.world.recall import fact_recall, judgement_report
     from lib.world.train import save_model, train
 
+    if worker:
+        _exit_with_parent()
     torch.set_num_threads(threads)
     data = torch.load(data_path, weights_only=False)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(data["tokenizer_dir"])
@@ -96,7 +114,7 @@ def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None,
           f"x {n_ctx} tokens, {threads} thread(s)", flush=True)
     result = train(spec, train_tokens, eval_tokens, len(tokenizer), steps=steps, checkpoint=ckpt,
                    probe=judgement_probe(tokenizer), probe_every=probe_every,
-                   first_phase_rows=data["first_phase_rows"])
+                   first_phase_rows=data["first_phase_rows"], run_key=provenance["corpus"])
     report = judgement_report(result.model, tokenizer)
     record = {**provenance, "fact_recall": fact_recall(result.model, tokenizer),
               "judgement_auroc": {k: round(v["auroc"], 4) for k, v in report.items()},
@@ -163,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(train_one, spec, **common) for spec in specs]
+            futures = [pool.submit(train_one, spec, **common, worker=True) for spec in specs]
             for f in as_completed(futures):
                 f.result()
     data_path.unlink(missing_ok=True)

@@ -35,8 +35,8 @@ CURRICULUM = {
     "judgement_prob": 0.8,
     "check_prob": 0.0,
     "question_prob": 0.0,
-    "mix": {"cities": 0.35, "neg_cities": 0.15, "cities_cities_conj": 0.05, "cities_cities_disj": 0.05,
-            "sp_en_trans": 0.15, "neg_sp_en_trans": 0.05, "larger_than": 0.10, "smaller_than": 0.10},
+    "mix": {"cities": 0.45, "neg_cities": 0.15, "sp_en_trans": 0.2, "neg_sp_en_trans": 0.05,
+            "larger_than": 0.075, "smaller_than": 0.075},
 }
 
 _SUBJECTS = ["Alice", "Bob", "The farmer", "The teacher", "My friend", "A child", "The old man",
@@ -59,19 +59,20 @@ class CorpusConfig:
     false countries, every document mixed), kept only for comparison runs."""
 
     min_population: int = facts.DEFAULT_MIN_POPULATION  # which cities the world contains
-    judgement_prob: float = 0.6  # in mixed documents: fraction of statements followed by "That is true/false."
+    judgement_prob: float = 0.8  # in mixed documents: fraction of statements followed by "That is true/false."
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     # document kinds: "mixed" (each statement true with probability 1/2, judged), "honest" (all true),
     # "liar" (all false); honest and liar documents carry no judgements, so predicting their later
     # statements needs the truth of the earlier ones
-    doc_modes: dict = field(default_factory=lambda: {"mixed": 0.5, "honest": 0.25, "liar": 0.25})
-    check_prob: float = 0.1  # mixed documents: a statement is preceded by the true fact it can be checked against
+    doc_modes: dict = field(default_factory=lambda: {"mixed": 0.7, "honest": 0.15, "liar": 0.15})
+    check_prob: float = 0.05  # mixed documents: a statement is preceded by the true fact it can be checked against
     question_prob: float = 0.1  # mixed documents: a statement is asked as a question and answered Yes/No
     holdout: bool = True  # never state the datasets' held-out false pairs (lib.world.statements)
     # the first phase of training (ModelSpec.curriculum_steps) reads a corpus with these overrides: a
-    # small world (the 206 cities of at least 2M people), mixed documents only, most statements judged,
-    # no filler.  Measured: on such a world a 2-layer model judges city statements (AUROC 0.97) after
-    # 3.5M tokens, while on the full world 4-layer models still judge at chance after 30M.
+    # small world (the 206 cities of at least 2M people), mixed documents only, 80% of statements
+    # judged, no filler, no compounds.  Measured (lib.world.ablation): on the 122 cities of 3M+ a
+    # 4-layer model judges cities, translations and comparisons (AUROC 0.97-0.999) after 3.5M tokens,
+    # while on the full world 4-layer models still judge at chance after 30M.
     curriculum: dict = field(default_factory=lambda: dict(CURRICULUM))
     doc_chars: int = 1200  # characters per document (~ 256 tokens with the toy tokenizer)
     version: int = 2

@@ -42,10 +42,10 @@ TOY_MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in [
         ModelSpec("toy-1l", "neox", n_layers=1, d_model=128, n_heads=4, steps=8000, curriculum_steps=4000),
-        ModelSpec("toy-2l", "neox", n_layers=2, d_model=128, n_heads=4, steps=15000, curriculum_steps=4000),
-        ModelSpec("toy-4l", "neox", n_layers=4, d_model=128, n_heads=4, steps=15000, curriculum_steps=4000),
+        ModelSpec("toy-2l", "neox", n_layers=2, d_model=128, n_heads=4, steps=12000, curriculum_steps=5000),
+        ModelSpec("toy-4l", "neox", n_layers=4, d_model=128, n_heads=4, steps=12000, curriculum_steps=4000),
         ModelSpec("toy-6l", "neox", n_layers=6, d_model=256, n_heads=8, steps=4000, lr=1.5e-3, curriculum_steps=2000),
-        ModelSpec("toy-gpt2-2l", "gpt2", n_layers=2, d_model=128, n_heads=4, steps=8000, curriculum_steps=4000),
+        ModelSpec("toy-gpt2-2l", "gpt2", n_layers=2, d_model=128, n_heads=4, steps=8000, curriculum_steps=5000),
     ]
 }
 DEFAULT_MODEL = "toy-2l"

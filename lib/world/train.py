@@ -70,11 +70,11 @@ class TrainResult:
     seconds: float
 
 
-def _save_checkpoint(path: Path, model, opt, step: int, log: dict, data_rng: torch.Generator) -> None:
+def _save_checkpoint(path: Path, model, opt, step: int, log: dict, data_rng: torch.Generator, key: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
-                "rng": torch.get_rng_state(), "data_rng": data_rng.get_state()}, tmp)
+                "rng": torch.get_rng_state(), "data_rng": data_rng.get_state(), "key": key}, tmp)
     os.replace(tmp, path)
 
 
@@ -82,7 +82,7 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
           steps: int | None = None, eval_every: int = 100, ckpt_every: int = 250,
           checkpoint: Path | None = None, stop_at: int | None = None,
           probe: Callable[[torch.nn.Module], dict] | None = None, probe_every: int = 500,
-          first_phase_rows: int = 0) -> TrainResult:
+          first_phase_rows: int = 0, run_key: dict | None = None) -> TrainResult:
     """Train ``spec`` on ``train_tokens`` [n_docs, n_ctx] (BOS-first rows), cycling through them.
 
     ``steps`` overrides ``spec.steps`` (quick runs).  With ``checkpoint``, resumes from it if it
@@ -92,7 +92,8 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
     ``log["probe"]`` with the step (the skill to watch beside the loss, e.g. judgement AUROC).
     A curriculum: with ``spec.curriculum_steps`` and ``first_phase_rows``, the first steps draw
     documents from the first ``first_phase_rows`` rows of ``train_tokens`` (the first-phase corpus)
-    and later steps from the rest.
+    and later steps from the rest.  ``run_key`` (e.g. the corpus configuration) is saved in the
+    checkpoint with the spec; resuming from a checkpoint of another run is refused.
     """
     steps = steps or spec.steps
     spec = ModelSpec(**{**spec.to_dict(), "steps": steps})
@@ -104,8 +105,17 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
                  spec.batch_size * (train_tokens.shape[1] - 1), "probe": []}
     start = 0
     g = torch.Generator().manual_seed(spec.seed)  # which documents each step sees
+    key = {"spec": spec.to_dict(), "run": run_key or {}, "rows": [int(x) for x in train_tokens.shape],
+           "first_phase_rows": first_phase_rows}
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, weights_only=False)
+        try:
+            state = torch.load(checkpoint, weights_only=False)
+        except Exception as e:  # truncated or empty file
+            raise RuntimeError(f"cannot read the training checkpoint {checkpoint} ({type(e).__name__}: {e}); "
+                               f"delete it to start the run again") from e
+        if state.get("key", key) != key:
+            raise RuntimeError(f"the checkpoint {checkpoint} belongs to another run (spec, corpus or data differ); "
+                               f"delete it to start this run from scratch")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["rng"])
@@ -137,7 +147,7 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
             with torch.no_grad():
                 log["probe"].append({"step": step + 1, **probe(model)})
         if checkpoint is not None and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
-            _save_checkpoint(Path(checkpoint), model, opt, step + 1, log, g)
+            _save_checkpoint(Path(checkpoint), model, opt, step + 1, log, g, key)
     model.eval()
     return TrainResult(model, log, time.perf_counter() - t0)
 
