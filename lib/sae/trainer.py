@@ -3,8 +3,8 @@
 >>> trainer = Trainer(sae, data, TrainConfig(total_tokens=2_000_000, sparsity_coefficient=5.0))
 >>> history = trainer.fit()
 
-``data`` is any iterator of ``[batch, d_in]`` activation batches (an :class:`~lib.sae.buffer.ActivationBuffer`
-or a :class:`~lib.sae.buffer.TensorSource`).  Each step:
+``data`` is any iterator of ``[batch, d_in]`` activation batches (a :class:`~lib.sae.buffer.TensorSource`
+over harvested activations, or an :class:`~lib.sae.buffer.ActivationBuffer` streaming them).  Each step:
 
 1. sparsity coefficient (linear warm-up) and learning rate (linear warm-up, linear decay over
    the last ``lr_decay_frac`` of training) for this step;
@@ -23,14 +23,13 @@ A progress bar shows live L0, MSE and fraction alive; ``history`` holds them eve
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from lib.results import atomic_output
 from lib.sae.base import SAE, SAEConfig, make_sae
 from lib.utils import progress
 
@@ -65,19 +64,6 @@ class TrainConfig:
 
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def param_groups(sae: SAE, bias_lr_scale: float = 1.0) -> list[dict]:
@@ -231,7 +217,8 @@ class Trainer:
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
             "train_cfg": asdict(self.cfg),
         }
-        atomic_torch_save(state, self.checkpoint_path)
+        with atomic_output(self.checkpoint_path) as tmp:  # never a half-written checkpoint
+            torch.save(state, tmp)
         return self.checkpoint_path
 
     def load_checkpoint(self, path: Path) -> None:
