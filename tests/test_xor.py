@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lib import datasets, xor
-from lib.probes import LogisticProbe, train_test_indices
+from lib.probes import train_test_indices
 from lib.toys import xor_clusters as xc
 
 
@@ -197,13 +197,18 @@ def test_city_xor_datasets_by_name_and_on_disk(tmp_path):
         assert (" is not in " in frame["statement"].iloc[0]) == name.startswith("neg_")
     with pytest.raises(KeyError, match="cities_alice"):
         datasets.make_city_xor_dataset("cities_bob")
-    out = datasets.generate_city_xor_datasets(tmp_path)
-    assert sorted(p.stem for p in out.glob("*.csv")) == sorted(datasets.CITY_XOR_DATASETS)
-    back = datasets.read_truth_csv(out / "neg_cities_distractor.csv")  # valid truth-dataset CSVs
-    pd.testing.assert_series_equal(back["label"], datasets.make_city_xor_dataset("neg_cities_distractor")["label"])
-    stamp = (out / "cities_alice.csv").stat().st_mtime_ns
-    datasets.generate_city_xor_datasets(tmp_path)
-    assert (out / "cities_alice.csv").stat().st_mtime_ns == stamp  # unchanged content is not rewritten
+    sampled = pd.DataFrame({"statement": ["a true banana", "b false shed"], "label": [1, 0]})
+    frames = datasets.generate_xor_datasets(tmp_path, xor_frame=sampled, model_name="toy/1l")
+    assert sorted(p.stem for p in tmp_path.glob("*.csv")) == sorted([*datasets.CITY_XOR_DATASETS, "xor_toy_1l"])
+    assert list(frames) == [*datasets.CITY_XOR_DATASETS, "xor"]
+    back = datasets.read_truth_csv(tmp_path / "neg_cities_distractor.csv")  # valid truth-dataset CSVs
+    pd.testing.assert_series_equal(back["label"], frames["neg_cities_distractor"]["label"])
+    pd.testing.assert_frame_equal(datasets.read_truth_csv(tmp_path / "xor_toy_1l.csv"), sampled)
+    stamp = (tmp_path / "cities_alice.csv").stat().st_mtime_ns
+    datasets.generate_xor_datasets(tmp_path)
+    assert (tmp_path / "cities_alice.csv").stat().st_mtime_ns == stamp  # unchanged content is not rewritten
+    with pytest.raises(ValueError, match="model_name"):
+        datasets.generate_xor_datasets(tmp_path, xor_frame=sampled)
 
 
 def test_networks_yields_trained_then_the_two_resets(toy1):
