@@ -179,7 +179,6 @@ def integrated_gradients(prob: PatchingProblem, nodes: torch.Tensor, k: int, pat
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     alphas = (torch.arange(k, dtype=prob.v_clean.dtype, device=prob.v_clean.device) + 0.5) / k
-    B = prob.v_clean.shape[0]
     if path == "joint":
         out = torch.zeros(len(nodes), dtype=prob.v_clean.dtype, device=prob.v_clean.device)
         for i in range(0, k, chunk):

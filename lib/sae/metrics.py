@@ -41,7 +41,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from lib.activations import TokenBatch, batch_activations, tokenize
 from lib.sae.splice import (as_replacement, replacement_hook, run_spliced, sae_replacement, splice_hook,
