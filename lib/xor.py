@@ -189,3 +189,84 @@ def networks(model_name: str, reset_seed: int = 0, device=None, trained=None):
             model = reset_model(model_name, mode, seed=reset_seed, device=device)
         yield name, model
         del model
+
+
+def synthetic_scatter(scenarios: Mapping, feature: str = "a^b", every: int = 4):
+    """One panel per synthetic scenario (:mod:`lib.toys.xor_clusters` data), the ``feature`` classes
+    coloured, in the plane where they separate or fail to: ``(x1 + x2, x1 - x2)``, or
+    ``(x1 - x2, x3)`` for scenarios with an XOR direction (names containing "XOR")."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(scenarios), subplot_titles=[n.split(" (")[0] for n in scenarios],
+                        horizontal_spacing=0.05)
+    colors = {0: "#1f77b4", 1: "#d62728"}
+    for k, (name, d) in enumerate(scenarios.items()):
+        y, idx = d.feature(feature), np.arange(0, len(d.a), every)
+        has_xor = "XOR" in name
+        x_axis = d.X[idx, 0] - d.X[idx, 1] if has_xor else d.X[idx, 0] + d.X[idx, 1]
+        y_axis = d.X[idx, 2] if has_xor else d.X[idx, 0] - d.X[idx, 1]
+        for v in (0, 1):
+            m = y[idx] == v
+            fig.add_trace(go.Scattergl(x=x_axis[m], y=y_axis[m], mode="markers", name=f"{feature} = {v}",
+                                       marker={"size": 3, "color": colors[v], "opacity": 0.5}, showlegend=k == 0),
+                          row=1, col=k + 1)
+        fig.update_xaxes(title_text="x1 - x2" if has_xor else "x1 + x2", row=1, col=k + 1)
+        fig.update_yaxes(title_text="x3 (XOR direction)" if has_xor else "x1 - x2", row=1, col=k + 1)
+    fig.update_layout(title=f"The XOR classes in each scenario ({feature} = 1 red, 0 blue)", margin={"t": 80})
+    return fig
+
+
+GENERALIZATION_BARS = {"b_constant_train_same_b": "b-constant probe, b unchanged",
+                       "b_constant_train": "b-constant probe, b flipped", "b_varied_train": "b-varied probe, b flipped"}
+
+
+def generalization_bars(rows: pd.DataFrame, title: str):
+    """Grouped bars of :func:`constant_b_generalization`'s three accuracies, one group per
+    ``(dataset, a, b)`` row of ``rows``, with the chance line."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    labels = [f"{r.dataset}: a={r.a}, b={r.b}" for r in rows.itertuples()]
+    for col, name in GENERALIZATION_BARS.items():
+        fig.add_bar(x=labels, y=rows[col], name=name)
+    fig.add_hline(y=0.5, line_dash="dot", annotation_text="chance")
+    fig.update_layout(barmode="group", title=title, yaxis_title="held-out accuracy", yaxis_range=[0, 1],
+                      margin={"b": 140})
+    return fig
+
+
+SHORT_NAMES = {"trained": "trained", "reset (re-initialised)": "reset", "reset (weights shuffled)": "reset_shuffled"}
+
+
+def results_record(model_name: str, n_rows: int, tables: Mapping[str, pd.DataFrame], split_std: Mapping[str, float],
+                   split_min: Mapping[str, float], city_tables: Mapping[tuple[str, str], pd.DataFrame],
+                   gen_model: pd.DataFrame, gen_synth: pd.DataFrame, synth: pd.DataFrame, grid: pd.DataFrame,
+                   layer: str) -> dict:
+    """Notebook 02's key numbers as ``data/results/02_xor_features.json`` stores them: the probe
+    tables by network (``tables``, and ``city_tables[dataset, network]``), their spread over
+    splits, the generalization failure (headline: ``has_true`` with ``has_banana`` fixed, at
+    ``layer``), and the synthetic tables (``grid``: sigma x c)."""
+    def by_layer(t: pd.DataFrame) -> dict:
+        return {row: t.loc[row].to_dict() for row in t.index}
+
+    city: dict[str, dict] = {}
+    for (ds, name), t in city_tables.items():
+        city.setdefault(ds, {})[SHORT_NAMES[name]] = by_layer(t)
+    head = gen_model[(gen_model["dataset"] == "xor") & (gen_model["a"] == "has_true") & (gen_model["b"] == "has_banana")
+                     & (gen_model["layer"] == layer)].iloc[0]
+    return {
+        "model": model_name, "n_rows": n_rows,
+        "probes": {SHORT_NAMES[name]: by_layer(t) for name, t in tables.items()},
+        "probes_split_std": {SHORT_NAMES[name]: split_std[name] for name in tables},
+        "probes_lowest_over_splits": {SHORT_NAMES[name]: split_min[name] for name in tables},
+        "city_probes": city,
+        "generalization_failure": {
+            "dataset": "xor", "a": "has_true", "b": "has_banana", "layer": layer,
+            **{k: float(head[k]) for k in ("b_constant_train", "b_varied_train", "b_constant_train_same_b")},
+            "all": gen_model.to_dict(orient="records"),
+            "synthetic": {str(c): r for c, r in gen_synth.to_dict(orient="index").items()},
+        },
+        "synthetic": synth.to_dict(orient="index"),
+        "synthetic_xor_grid": {str(s): {str(c): float(grid.loc[s, c]) for c in grid.columns} for s in grid.index},
+    }

@@ -73,6 +73,16 @@ def test_constant_b_generalization_fails_when_the_xor_is_salient():
         assert r["n_train"] == pytest.approx(0.4 * len(frame), rel=0.05)
 
 
+def test_figures_one_panel_per_scenario_and_one_bar_group_per_row():
+    scenarios = {"plain": xc.gaussian_clusters(400, seed=0), "XOR dir": xc.gaussian_clusters(400, xor_strength=1.0, seed=0)}
+    fig = xor.synthetic_scatter(scenarios)
+    assert len(fig.data) == 4 and fig.layout.xaxis2.title.text == "x1 - x2"  # two classes in each of two panels
+    rows = pd.DataFrame({"dataset": ["xor", "cities"], "a": ["t", "label"], "b": ["b", "alice"],
+                         "b_constant_train_same_b": [0.9, 0.8], "b_constant_train": [0.2, 0.7], "b_varied_train": [0.9, 0.8]})
+    bars = xor.generalization_bars(rows, "title")
+    assert [t.name for t in bars.data] == list(xor.GENERALIZATION_BARS.values()) and len(bars.data[0].x) == 2
+
+
 def test_heatmaps_one_panel_per_table():
     t = pd.DataFrame({"a": [0.5, 0.9], "a^b": [0.4, 0.6]}, index=["embed", "0"])
     fig = xor.heatmaps({"x": t, "y": t}, "title")
