@@ -133,7 +133,8 @@ def scale_dependence(acts: torch.Tensor, sae_cfg: SAEConfig, train_cfgs: dict[st
     for label, tc in train_cfgs.items():
         for c in scales:
             tc_c = replace(tc, bias_lr_scale=tc.bias_lr_scale * c, grad_clip=None)
-            sae, _ = train_sae(sae_cfg, TensorSource(train, tc.batch_size, seed=tc.seed, scale=c), tc_c)
+            source = TensorSource(train, tc.batch_size, seed=tc.seed, device=acts.device, scale=c)
+            sae, _ = train_sae(sae_cfg, source, tc_c, device=acts.device)
             with torch.no_grad():
                 x = c * held
                 x_hat, f = sae(x, output_features=True)

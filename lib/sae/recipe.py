@@ -46,7 +46,8 @@ def train_on(acts: torch.Tensor, hook: str, d_sae: int, coefficient: float, *, t
 class SAEData:
     """A model, its training and held-out documents, and activations at ``hooks``.
 
-    acts / eval_acts: hook -> [n_tokens, d_model] (every real token but BOS, in document order).
+    acts / eval_acts: hook -> [n_tokens, d_model] (every real token but BOS, in document order), on
+    the model's device.
     """
 
     model: object
@@ -91,6 +92,7 @@ def prepare(model, hooks: Sequence[str] | str, n_train_docs: int, n_eval_docs: i
 
     name = model if isinstance(model, str) else getattr(model, "compendium_name", "")
     lm = load_model(model, device=device) if isinstance(model, str) else model
+    device = next(lm.parameters()).device
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     docs = generate_corpus(n_train_docs + n_eval_docs, seed=seed if corpus_seed is None else corpus_seed)
     train_docs, eval_docs = docs[:n_train_docs], docs[n_train_docs:]
@@ -100,7 +102,7 @@ def prepare(model, hooks: Sequence[str] | str, n_train_docs: int, n_eval_docs: i
             return {}
         got = harvest(lm, texts, hooks, "all", exclude={"bos"}, context_size=context_size, batch_size=batch_size,
                       cache=cache, dataset=f"corpus-{part}")
-        return {h: got[h] for h in hooks}
+        return {h: got[h].to(device) for h in hooks}  # beside the model, where the SAEs will train
 
     return SAEData(lm, name, hooks, train_docs, eval_docs, context_size, read(train_docs, "train"),
                    read(eval_docs, "eval"))
