@@ -108,10 +108,8 @@ def _check_exclude(exclude: Collection[str]) -> set[str]:
 
 
 def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
+    ids = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    return int(next((i for i in ids if i is not None), 0))
 
 
 def pad(seqs: Sequence[np.ndarray], pad_id: int, padding_side: str = "right", has_bos: bool = True,
@@ -172,10 +170,7 @@ def iter_batches(batch: TokenBatch, batch_size: int, padding_side: str = "right"
 
 
 def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 class _StopForward(Exception):
