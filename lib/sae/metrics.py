@@ -1,7 +1,8 @@
 """SAE evaluation with one stated formula per metric, and the same SAE scored under other libraries' conventions.
 
 Our convention (``evaluate``).  ``T`` is the set of counted tokens: real (non-pad) positions,
-minus the BOS position unless ``exclude_bos=False``; ``x_t`` the activation at ``hook``,
+minus the BOS position (``exclude=("bos", "pad")``, the default); ``x_t`` the activation at the
+SAE's hook,
 ``x_hat_t`` the SAE's reconstruction, ``f_t`` its latents, ``e_t = x_hat_t - x_t``.
 
 ==================  =====================================================================
