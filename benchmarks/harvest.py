@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lib import activations as A  # noqa: E402
+from lib.hooks import hook_name, resid_hooks  # noqa: E402
 from lib.datasets import make_truth_dataset  # noqa: E402
 from lib.models import load_model, toy_model_names  # noqa: E402
 
@@ -89,8 +90,8 @@ def statements(n: int) -> list[str]:
 
 def scenario_hooks(model, scenario: str) -> list[str]:
     if scenario == "probe":
-        return [f"blocks.{(model.cfg.n_layers - 1) // 2}.hook_resid_post"]
-    return A.resid_hooks(model)
+        return [hook_name((model.cfg.n_layers - 1) // 2)]
+    return resid_hooks(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,12 +99,12 @@ def scenario_hooks(model, scenario: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 def baseline(model, texts: list[str], hooks: list[str], batch_size: int) -> tuple[dict, int]:
     """TransformerLens's plain run_with_cache on each batch, then the last-token rows picked out."""
-    token_lists = A.tokenize(model, texts, prepend_bos=True)
+    tokens = A.tokenize(model, texts, prepend_bos=True)
     out = {h: torch.empty(len(texts), model.cfg.d_model) for h in hooks}
     held = 0
     with torch.no_grad():
-        for batch in A.iter_batches(token_lists, batch_size, A._pad_id(model)):
-            _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
+        for batch in A.iter_batches(tokens, batch_size, pad_id=A._pad_id(model.tokenizer)):
+            _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask.long())
             held = max(held, sum(v.numel() * v.element_size() for v in cache.values() if isinstance(v, torch.Tensor)))
             rows = torch.arange(len(batch.index))
             for h in hooks:
@@ -155,7 +156,7 @@ def worker(args) -> None:
 
 
 def time_methods(model, texts, hooks, batch_size, reps) -> dict:
-    n_tokens = sum(len(t) for t in A.tokenize(model, texts, prepend_bos=True))
+    n_tokens = A.tokenize(model, texts, prepend_bos=True).n_real
     results = {m: [] for m in METHODS}
     outputs = {}
     METHODS["harvest"](model, texts[:batch_size], hooks, batch_size)  # warm-up (allocator, kernels)

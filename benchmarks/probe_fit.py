@@ -1,5 +1,6 @@
-"""Probe-fitting speed: ``lib.xor.fit_probe`` (Newton's method) against scikit-learn's
-``LogisticRegression`` (lbfgs) on the same standardised activations, measured in the same run.
+"""Probe-fitting speed: ``lib.probes.LogisticProbe`` (Newton's method, as notebook 02 fits it)
+against scikit-learn's ``LogisticRegression`` (lbfgs) on the same standardised activations,
+measured in the same run.
 
     python benchmarks/probe_fit.py               # toy-4l, last-token residual stream, every layer
     python benchmarks/probe_fit.py --reps 1      # quicker
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from lib import xor  # noqa: E402
 from lib.datasets import TRUTH_DATASETS, make_truth_dataset  # noqa: E402
 from lib.models import load_model  # noqa: E402
+from lib.probes import LogisticProbe, train_test_indices  # noqa: E402
 
 
 def sklearn_fit(X: np.ndarray, y: np.ndarray, train: np.ndarray):
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     frame["numbers"] = frame["dataset"].isin(["larger_than", "smaller_than"]).astype(int)
     model = load_model(args.model, device="cpu")
     acts = xor.layer_activations(model, frame["statement"], dataset="bench_probe_fit", cache=False)
-    split = xor.split_rows(frame, seed=0)
+    split = train_test_indices(len(frame), seed=0)
     print(f"{args.model}: {len(frame)} statements, {len(split.train)} training rows, d_model {model.cfg.d_model}; "
           f"median of {args.reps} fits per solver")
     rows = []
@@ -77,11 +79,12 @@ def main(argv=None) -> int:
         for feature in ("label", "negated", "numbers"):
             y = frame[feature].to_numpy()
             t_sk, sk = timed(lambda: sklearn_fit(X, y, split.train), args.reps)
-            t_nt, nt = timed(lambda: xor.fit_probe(X, y, split.train), args.reps)
+            t_nt, nt = timed(lambda: LogisticProbe(fit_bias=True, standardize=True, solver="newton")
+                             .fit(X[split.train], y[split.train]), args.reps)
             agree = float((sk.predict(X[split.test]) == nt.predict(X[split.test])).mean())
-            dw = float(np.abs(sk[-1].coef_[0] - nt.w).max())
+            dw = float(np.abs(sk[-1].coef_[0] - nt.w_).max())
             rows.append({"layer": layer, "feature": feature, "lbfgs_s": t_sk, "newton_s": t_nt,
-                         "speedup": t_sk / t_nt, "lbfgs_iter": int(sk[-1].n_iter_[0]), "newton_iter": nt.n_iter,
+                         "speedup": t_sk / t_nt, "lbfgs_iter": int(sk[-1].n_iter_[0]), "newton_iter": nt.n_iter_,
                          "accuracy": float((nt.predict(X[split.test]) == y[split.test]).mean()),
                          "predictions_agree": agree, "max_coef_diff": dw})
     table = pd.DataFrame(rows)

@@ -1,8 +1,20 @@
 """The compendium's library: the notebooks call into it for all real work.
 
-Modules (one concern each): ``paths``, ``results``, ``plots``, ``models``, ``world`` (the toy
-world), ``datasets``, ``activations``, ``interventions``, ``probes``, ``sae``, ``toys``,
-``softprompts``, ``run`` (the headless runner).  Import what you need, e.g.
-``from lib.models import load_model``.
+Modules (one concern each; dependencies point down this list's lower layers, never back up):
+
+- ``paths``, ``utils``, ``results``, ``plots``: where things go, seeding and devices, results
+  files and atomic writes, figures.
+- ``models``: load a toy, local or hub model as a TransformerBridge (device and dtype chosen here).
+- ``hooks``: hook names, built, parsed and checked in one place.
+- ``world/``: the toy world (facts, corpus, toy LMs).  ``datasets/``: truth and XOR datasets as CSVs.
+- ``activations``: the one code path that runs a model to read activations (tokenize, harvest,
+  cache).  ``interventions``: add a direction at a hook.  ``probes``: linear probes and the splitter.
+- ``truth``, ``xor``: the protocols of notebooks 01 and 02.
+- ``sae/``: sparse autoencoders (architectures, training sources, trainer, metrics, I/O, ITO,
+  attribution, the setup recipe of notebooks 03-06).
+- ``toys/``: small synthetic models (compressed computation, XOR clusters).
+- ``run``: the headless runner (``python -m lib.run``).
+
+Import what you need, e.g. ``from lib.models import load_model``.
 """
 __version__ = "0.1.0"

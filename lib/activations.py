@@ -1,35 +1,28 @@
-"""Activations at named hook points and chosen token positions, batched, padding-aware, cached.
+"""Activations: the one code path that runs a model to read them out.
 
 >>> from lib.activations import harvest
 >>> acts = harvest(model, statements, ["blocks.1.hook_resid_post"], position="last", dataset="cities")
 >>> acts["blocks.1.hook_resid_post"].shape        # (n_statements, d_model), float32 on the CPU
+>>> acts = harvest(model, docs, hook, position="all", exclude={"bos"}, context_size=128)  # SAE data
 
-How it works, and why it is fast:
-
-* Texts are tokenized once (``prepend_bos`` passed explicitly), sorted by length and batched, so a
-  batch carries little padding; every batch carries its real lengths and an attention mask, so
-  right and left padding give the same activations (the mask also fixes positions under left
-  padding).
-* Each requested hook point gets a hook that copies out only the requested positions (the last
-  real token of each text, every real token, or one position per text) into a preallocated
-  tensor; nothing else is kept.  As soon as the last requested hook of a batch has fired the
-  forward pass is stopped, so later blocks and the unembedding are never computed.  At most one
-  batch's worth of intermediate activations is alive at any time.
-* Results are cached on disk (``data/cache/activations/``), one file per hook, under a key made
-  of the model's name, a fingerprint of its weights, the dataset name, the hook, the position
-  rule and a hash of the token ids: a changed dataset, tokenizer or model never returns stale
-  activations.  Files are written through a temporary file and a rename.
-
-``iter_batches`` (the batching) and ``sequence_logprobs`` / ``next_token_logits`` (what the model
-predicts on the same texts) are reused by :mod:`lib.interventions` and the notebooks.
+* :func:`tokenize`: texts -> a right-padded :class:`TokenBatch` (ids, attention mask, whether BOS
+  was prepended: ``prepend_bos`` is always explicit, never ``to_tokens``' per-model default).
+  :func:`iter_batches` cuts it into forward passes, longest texts first (little padding), right-
+  or left-padded: every batch carries its mask, so both give the same activations.
+* :func:`harvest`: activations at named hooks and positions (``"last"`` real token, ``"all"`` real
+  tokens, or one per text) minus an ``exclude`` set (``"bos"``; padding is never read).  Hooks copy
+  out only those positions and the forward pass stops after the last requested hook.  Results are
+  cached on disk, keyed by the model's weights, the token ids, the hook and the rows
+  (:class:`ActivationCache`); the SAE training sources of :mod:`lib.sae.buffer` read through it.
+* :func:`batch_activations`: every position of one :class:`TokenBatch` (and the logits, if asked),
+  for code that needs whole sequences (SAE metrics, patching).
+* :func:`sequence_logprobs` / :func:`next_token_logits`: what the model predicts on the same texts.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,50 +30,55 @@ import numpy as np
 import torch
 
 from lib import paths
+from lib.hooks import check_hooks
+from lib.results import atomic_output
 from lib.utils import progress
 
 Position = str | Sequence[int]  # "last" | "all" | one int per text (negative counts from the end)
+EXCLUDABLE = ("bos", "pad")  # what an ``exclude`` set may name
 
 
 # --------------------------------------------------------------------------------------------
-# tokenization and batching
+# tokens and batches
 # --------------------------------------------------------------------------------------------
-def tokenize(model, texts: Sequence[str], prepend_bos: bool, chunk: int = 512) -> list[np.ndarray]:
-    """Token ids of each text (1-D int64 arrays, no padding), via ``model.to_tokens``.
-
-    Texts are tokenized in chunks with right padding; each row's length is where its trailing
-    pad tokens start (BOS is kept even when it has the pad token's id, as in GPT-2).
-    """
-    if isinstance(texts, str):
-        raise TypeError("tokenize expects a list of texts, got a single string")
-    pad_id = model.tokenizer.pad_token_id
-    out: list[np.ndarray] = []
-    for start in range(0, len(texts), chunk):
-        part = list(texts[start:start + chunk])
-        ids = model.to_tokens(part, prepend_bos=prepend_bos, padding_side="right", move_to_device=False)
-        ids = ids.numpy()
-        for row in ids:
-            n = len(row)
-            if pad_id is not None:
-                while n > int(prepend_bos) and row[n - 1] == pad_id:
-                    n -= 1
-            out.append(row[:n].astype(np.int64))
-    return out
-
-
 @dataclass
-class Batch:
-    """A padded batch of texts.
+class TokenBatch:
+    """Padded token ids of several texts.
 
-    tokens: (B, T) int64; attention_mask: (B, T) int64, 1 on real tokens; lengths: (B,) real
-    tokens per row; index: (B,) where each row sits in the caller's list of texts.
+    tokens: (B, T) int64; attention_mask: (B, T) bool, True on real tokens (BOS included);
+    has_bos: whether position 0 of every row is a prepended BOS; padding_side: "right" | "left";
+    index: (B,) where each row sits in the caller's list of texts.
     """
 
     tokens: torch.Tensor
     attention_mask: torch.Tensor
-    lengths: torch.Tensor
-    index: torch.Tensor
-    padding_side: str
+    has_bos: bool
+    padding_side: str = "right"
+    index: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.index is None:
+            self.index = torch.arange(len(self.tokens))
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, rows) -> "TokenBatch":
+        return TokenBatch(self.tokens[rows], self.attention_mask[rows], self.has_bos, self.padding_side,
+                          self.index[rows])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) real tokens per row."""
+        return self.attention_mask.sum(1)
+
+    @property
+    def n_real(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def sequences(self) -> list[np.ndarray]:
+        """Each row's real token ids (1-D int64 arrays, no padding)."""
+        return [row[mask].numpy() for row, mask in zip(self.tokens, self.attention_mask)]
 
     def column(self, position: torch.Tensor) -> torch.Tensor:
         """Column in ``tokens`` of real-token ``position`` (B,) of each row (0 = first real token)."""
@@ -92,52 +90,104 @@ class Batch:
         """(B,) column of each row's last real token."""
         return self.column(self.lengths - 1)
 
+    def counted_mask(self, exclude: Collection[str] = EXCLUDABLE) -> torch.Tensor:
+        """(B, T) bool: the positions that count once ``exclude`` is dropped ("bos": the prepended
+        BOS; "pad": the padding).  The default, both, is what SAE training and metrics read."""
+        exclude = _check_exclude(exclude)
+        mask = self.attention_mask.clone() if "pad" in exclude else torch.ones_like(self.attention_mask)
+        if "bos" in exclude and self.has_bos:
+            mask[torch.arange(len(self)), self.column(torch.zeros(len(self), dtype=torch.long))] = False
+        return mask
 
-def pad(seqs: Sequence[np.ndarray], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad 1-D id arrays to (B, T) ``tokens`` and the matching ``attention_mask``."""
+
+def _check_exclude(exclude: Collection[str]) -> set[str]:
+    exclude = {exclude} if isinstance(exclude, str) else set(exclude)
+    if not exclude <= set(EXCLUDABLE):
+        raise ValueError(f"exclude may name {EXCLUDABLE}, got {sorted(exclude)}")
+    return exclude
+
+
+def _pad_id(tokenizer) -> int:
+    ids = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    return int(next((i for i in ids if i is not None), 0))
+
+
+def pad(seqs: Sequence[np.ndarray], pad_id: int, padding_side: str = "right", has_bos: bool = True,
+        width: int | None = None, index: torch.Tensor | None = None) -> TokenBatch:
+    """A :class:`TokenBatch` of 1-D id arrays, padded to the longest (or to ``width``)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    width = max(len(s) for s in seqs)
+    width = max([width or 0] + [len(s) for s in seqs])
     tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, s in enumerate(seqs):
-        n = len(s)
-        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        cols = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
         tokens[i, cols] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return tokens, mask
+        mask[i, cols] = True
+    return TokenBatch(tokens, mask, has_bos, padding_side, index)
 
 
-def iter_batches(token_lists: Sequence[np.ndarray], batch_size: int, pad_id: int,
-                 padding_side: str = "right", sort: bool = True) -> Iterator[Batch]:
-    """Batches of ``batch_size`` texts, longest first when ``sort`` (little padding per batch)."""
+def tokenize(model, texts: Sequence[str], context_size: int | None = None, *, prepend_bos: bool = True,
+             pad_to: int | None = None) -> TokenBatch:
+    """Tokenize ``texts`` into one right-padded :class:`TokenBatch`.
+
+    Each row is ``[BOS] + the text's tokens`` (BOS only with ``prepend_bos``; the tokenizer adds no
+    special tokens of its own), cut to ``context_size`` tokens (default: the model's ``n_ctx``)
+    and padded with the pad token to the longest row (or to ``pad_to``).
+    """
+    if isinstance(texts, str):
+        raise TypeError("tokenize expects a list of texts, got a single string; wrap it in a list")
+    tok = getattr(model, "tokenizer", None) or model  # a model or a bare tokenizer
+    prefix: list[int] = []
+    if prepend_bos:
+        if tok.bos_token_id is None:
+            raise ValueError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False")
+        prefix = [tok.bos_token_id]
+    limit = context_size or getattr(getattr(model, "cfg", None), "n_ctx", None)
+    ids = tok(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
+    rows = [(prefix + list(x))[:limit] for x in ids]
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise ValueError(f"text {empty[0]} has no tokens; pass prepend_bos=True or drop it")
+    if not rows:
+        raise ValueError("no texts to tokenize")
+    return pad(rows, _pad_id(tok), "right", has_bos=prepend_bos, width=pad_to)
+
+
+def iter_batches(batch: TokenBatch, batch_size: int, padding_side: str = "right", sort: bool = True,
+                 pad_id: int = 0) -> Iterator[TokenBatch]:
+    """Batches of ``batch_size`` rows of ``batch``, longest first when ``sort`` (little padding
+    per batch), each padded to its own longest row on ``padding_side``; ``index`` says where
+    each row sits in the caller's list."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    lengths = np.array([len(t) for t in token_lists])
-    order = np.argsort(-lengths, kind="stable") if sort else np.arange(len(token_lists))
+    seqs = batch.sequences()
+    lengths = np.array([len(s) for s in seqs])
+    order = np.argsort(-lengths, kind="stable") if sort else np.arange(len(seqs))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        tokens, mask = pad([token_lists[i] for i in idx], pad_id, padding_side)
-        yield Batch(tokens, mask, torch.as_tensor(lengths[idx]), torch.as_tensor(idx), padding_side)
-
-
-def _pad_id(model) -> int:
-    tok = model.tokenizer
-    for value in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
-        if value is not None:
-            return int(value)
-    return 0  # pragma: no cover
+        yield pad([seqs[i] for i in idx], pad_id, padding_side, batch.has_bos, index=batch.index[idx])
 
 
 def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+class _StopForward(Exception):
+    """Raised by a reading hook once every requested hook of the batch has fired."""
+
+
+def _forward(model, batch: TokenBatch | torch.Tensor, fwd_hooks, return_type="logits"):
+    """One forward pass; a bare (B, T) token tensor is a batch without padding."""
+    device = _device(model)
+    if isinstance(batch, torch.Tensor):
+        return model.run_with_hooks(batch.to(device), fwd_hooks=fwd_hooks, return_type=return_type)
+    return model.run_with_hooks(batch.tokens.to(device), fwd_hooks=fwd_hooks, return_type=return_type,
+                                attention_mask=batch.attention_mask.long().to(device))
 
 
 # --------------------------------------------------------------------------------------------
-# positions
+# which rows to read
 # --------------------------------------------------------------------------------------------
 def _positions(position: Position, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows to read: ``(text_index, token_position)``, both (n_rows,), grouped by text."""
@@ -167,27 +217,10 @@ def _position_tag(position: Position) -> str:
     return "pos" + hashlib.sha256(np.asarray(position, dtype=np.int64).tobytes()).hexdigest()[:8]
 
 
-# --------------------------------------------------------------------------------------------
-# hook names and stopping early
-# --------------------------------------------------------------------------------------------
-class _StopForward(Exception):
-    """Raised by the harvesting hooks once every requested hook of the batch has fired."""
-
-
-def check_hooks(model, hooks: Sequence[str]) -> None:
-    """Raise ``KeyError`` naming the unknown hook points (and some valid ones)."""
-    known = getattr(model, "hook_dict", {})
-    unknown = [h for h in hooks if h not in known]
-    if unknown:
-        examples = [n for n in known if re.fullmatch(r"blocks\.0\.hook_\w+", n)][:8]
-        raise KeyError(f"unknown hook point(s) {unknown}; valid names look like {examples} "
-                       f"(see lib.models.hook_names(model))")
-
-
-def resid_hooks(model, layers: Sequence[int] | None = None, kind: str = "resid_post") -> list[str]:
-    """``blocks.{l}.hook_{kind}`` for each layer (all layers when ``layers`` is None)."""
-    layers = range(model.cfg.n_layers) if layers is None else layers
-    return [f"blocks.{int(l)}.hook_{kind}" for l in layers]
+def _rows_tag(position: Position, exclude: set[str]) -> str:
+    """The position rule and exclusions as one cache tag (unchanged from the position's alone
+    when nothing is excluded but padding, so existing caches stay valid)."""
+    return _position_tag(position) + ("-nobos" if "bos" in exclude else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,16 +302,8 @@ class ActivationCache:
             return None
 
     def save(self, path: Path, tensor: torch.Tensor) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_output(path) as tmp:
             torch.save(tensor.contiguous(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,28 +333,23 @@ class Activations:
 
 
 @torch.no_grad()
-def _harvest_uncached(model, token_lists, hooks, rows_text, rows_pos, batch_size, padding_side,
+def _harvest_uncached(model, batch: TokenBatch, hooks, rows_text, rows_pos, batch_size, padding_side,
                       dtype, desc) -> dict[str, torch.Tensor]:
     n_rows = len(rows_text)
     # rows of each text, in order: rows_text is grouped by text (see _positions)
-    first_row = np.searchsorted(rows_text, np.arange(len(token_lists)))
-    n_per_text = np.bincount(rows_text, minlength=len(token_lists))
+    first_row = np.searchsorted(rows_text, np.arange(len(batch)))
+    n_per_text = np.bincount(rows_text, minlength=len(batch))
     out: dict[str, torch.Tensor] = {}
     device = _device(model)
-    batches = list(iter_batches(token_lists, batch_size, _pad_id(model), padding_side))
-    for batch in progress(batches, desc=desc, total=len(batches)):
-        idx = batch.index.numpy()
+    batches = list(iter_batches(batch, batch_size, padding_side, pad_id=_pad_id(model.tokenizer)))
+    for b in progress(batches, desc=desc, total=len(batches)):
+        idx = b.index.numpy()
         # gather coordinates (b, column) and destination rows for every row of the batch's texts
-        b_list, pos_list, dest_list = [], [], []
-        for b, t in enumerate(idx):
-            rows = np.arange(first_row[t], first_row[t] + n_per_text[t])
-            b_list.append(np.full(len(rows), b))
-            pos_list.append(rows_pos[rows])
-            dest_list.append(rows)
-        b_idx = torch.as_tensor(np.concatenate(b_list))
-        pos_t = torch.as_tensor(np.concatenate(pos_list))
-        cols = pos_t if padding_side == "right" else batch.tokens.shape[1] - batch.lengths[b_idx] + pos_t
-        dest = torch.as_tensor(np.concatenate(dest_list))
+        rows = [np.arange(first_row[t], first_row[t] + n_per_text[t]) for t in idx]
+        b_idx = torch.as_tensor(np.concatenate([np.full(len(r), k) for k, r in enumerate(rows)]), dtype=torch.long)
+        dest = torch.as_tensor(np.concatenate(rows), dtype=torch.long)
+        pos = torch.as_tensor(rows_pos[dest.numpy()])
+        cols = pos if padding_side == "right" else b.tokens.shape[1] - b.lengths[b_idx] + pos
         b_dev, c_dev = b_idx.to(device), cols.to(device)
         pending = set(hooks)
 
@@ -347,8 +367,7 @@ def _harvest_uncached(model, token_lists, hooks, rows_text, rows_pos, batch_size
             return hook_fn
 
         try:
-            model.run_with_hooks(batch.tokens.to(device), fwd_hooks=[(h, make_hook(h)) for h in hooks],
-                                 attention_mask=batch.attention_mask.to(device))
+            _forward(model, b, [(h, make_hook(h)) for h in hooks])
         except _StopForward:
             pass
         if pending:
@@ -356,20 +375,24 @@ def _harvest_uncached(model, token_lists, hooks, rows_text, rows_pos, batch_size
     return out
 
 
-def harvest(model, texts: Sequence[str], hooks: Sequence[str] | str, position: Position = "last",
-            *, prepend_bos: bool = True, batch_size: int = 32, padding_side: str = "right",
-            dtype: torch.dtype = torch.float32, dataset: str | None = None,
-            cache: ActivationCache | bool = True, model_name: str | None = None) -> Activations:
+def harvest(model, texts: Sequence[str] | TokenBatch, hooks: Sequence[str] | str, position: Position = "last",
+            *, exclude: Collection[str] = (), prepend_bos: bool = True, context_size: int | None = None,
+            batch_size: int = 32, padding_side: str = "right", dtype: torch.dtype = torch.float32,
+            dataset: str | None = None, cache: ActivationCache | bool = True,
+            model_name: str | None = None) -> Activations:
     """Activations of ``texts`` at ``hooks`` and ``position``.
 
     Args:
         model: a TransformerLens ``TransformerBridge`` (``lib.models.load_model``).
-        texts: the texts (statements), any length.
-        hooks: hook point names, e.g. ``["blocks.3.hook_resid_post"]`` (see ``resid_hooks``); any
-            hook whose activation is (batch, position, ...) works (``hook_z`` gives (n_rows, heads, d_head)).
+        texts: the texts (any length; cut to ``context_size`` tokens), or a :class:`TokenBatch`.
+        hooks: hook point names (``lib.hooks.hook_name``); any hook whose activation is
+            (batch, position, ...) works (``hook_z`` gives (n_rows, heads, d_head)).
         position: ``"last"`` (the last real token of each text), ``"all"`` (every real token,
             BOS included when prepended), or one int per text (negative counts from the end).
-        prepend_bos: whether a BOS token starts each text (passed explicitly to ``to_tokens``).
+        exclude: positions to drop: ``{"bos"}`` drops the prepended BOS (a large-norm outlier
+            that SAEs are not trained on); padding is never read, with or without ``"pad"``.
+        prepend_bos: whether a BOS token starts each text (passed explicitly, see :func:`tokenize`).
+        context_size: at most this many tokens per text, BOS included (default: the model's n_ctx).
         batch_size: texts per forward pass.
         padding_side: ``"right"`` or ``"left"``; the results agree (attention mask carried).
         dtype: stored dtype (float32 default; float16 halves the cache for big models).
@@ -377,20 +400,23 @@ def harvest(model, texts: Sequence[str], hooks: Sequence[str] | str, position: P
         cache: True (default folder), False (no cache) or an ``ActivationCache``.
         model_name: the cache folder of the model (default ``model.compendium_name``).
     Returns:
-        ``Activations`` with ``acts[hook]`` of shape (n_rows, d) on the CPU.
+        ``Activations`` with ``acts[hook]`` of shape (n_rows, d) on the CPU, rows grouped by text
+        in text order, positions ascending.
     """
     hooks = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
     if not hooks:
         raise ValueError("no hooks requested")
     if len(texts) == 0:
         raise ValueError("no texts to harvest")
+    exclude = _check_exclude(exclude)
     check_hooks(model, hooks)
-    token_lists = tokenize(model, texts, prepend_bos=prepend_bos)
-    lengths = np.array([len(t) for t in token_lists])
-    if (lengths == 0).any():
-        raise ValueError(f"text {int(np.flatnonzero(lengths == 0)[0])} has no tokens; pass prepend_bos=True or drop it")
+    batch = texts if isinstance(texts, TokenBatch) else tokenize(model, texts, context_size, prepend_bos=prepend_bos)
+    lengths = batch.lengths.numpy()
     rows_text, rows_pos = _positions(position, lengths)
-    meta_text, meta_pos = torch.as_tensor(rows_text), torch.as_tensor(rows_pos)
+    if "bos" in exclude and batch.has_bos:
+        keep = rows_pos > 0
+        rows_text, rows_pos = rows_text[keep], rows_pos[keep]
+    tag = _rows_tag(position, exclude)
 
     store = ActivationCache() if cache is True else (cache or None)
     acts: dict[str, torch.Tensor] = {}
@@ -398,22 +424,44 @@ def harvest(model, texts: Sequence[str], hooks: Sequence[str] | str, position: P
     files: dict[str, Path] = {}
     if store is not None:
         name = model_name or getattr(model, "compendium_name", None) or type(model).__name__
-        model_fp, tokens_fp = model_fingerprint(model), tokens_fingerprint(token_lists)
+        model_fp, tokens_fp = model_fingerprint(model), tokens_fingerprint(batch.sequences())
         for h in hooks:
-            files[h] = store.path(name, dataset or "texts", h, position,
-                                  store.key(model_fp, tokens_fp, h, position, dtype))
+            files[h] = store.path(name, dataset or "texts", h, tag, store.key(model_fp, tokens_fp, h, tag, dtype))
             found = store.load(files[h])
             if found is not None and found.shape[0] == len(rows_text):
                 acts[h] = found
         todo = [h for h in hooks if h not in acts]
     if todo:
-        fresh = _harvest_uncached(model, token_lists, todo, rows_text, rows_pos, batch_size, padding_side,
+        fresh = _harvest_uncached(model, batch, todo, rows_text, rows_pos, batch_size, padding_side,
                                   dtype, desc=f"harvest {dataset or ''}".strip())
         for h in todo:
             acts[h] = fresh[h]
             if store is not None:
                 store.save(files[h], fresh[h])
-    return Activations({h: acts[h] for h in hooks}, meta_text, meta_pos)
+    return Activations({h: acts[h] for h in hooks}, torch.as_tensor(rows_text), torch.as_tensor(rows_pos))
+
+
+@torch.no_grad()
+def batch_activations(model, batch: TokenBatch | torch.Tensor, hooks: Sequence[str] | str, logits: bool = False):
+    """``{hook: [B, T, ...]}`` for every position of ``batch`` (a :class:`TokenBatch`, or a (B, T)
+    token tensor without padding), in one forward pass stopped after the last hook unless
+    ``logits``; with ``logits=True`` returns ``(logits [B, T, vocab], acts)``."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    check_hooks(model, hooks)
+    acts: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):
+        def keep(act, hook):
+            acts[name] = act[0] if isinstance(act, tuple) else act
+            if not logits and len(acts) == len(hooks):
+                raise _StopForward
+        return keep
+
+    try:
+        out = _forward(model, batch, [(h, keeper(h)) for h in hooks])
+    except _StopForward:
+        out = None
+    return (out, acts) if logits else acts
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,19 +477,19 @@ def sequence_logprobs(model, texts: Sequence[str], *, prepend_bos: bool = True, 
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    token_lists = tokenize(model, texts, prepend_bos=prepend_bos)
+    batch = tokenize(model, texts, prepend_bos=prepend_bos)
     out = np.zeros(len(texts))
     device = _device(model)
-    for batch in progress(list(iter_batches(token_lists, batch_size, _pad_id(model), padding_side)), desc="logprobs"):
-        logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device))
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        target = batch.tokens.to(device)[:, 1:]
+    batches = list(iter_batches(batch, batch_size, padding_side, pad_id=_pad_id(model.tokenizer)))
+    for b in progress(batches, desc="logprobs"):
+        logp = torch.log_softmax(_forward(model, b, []).float(), dim=-1)
+        target = b.tokens.to(device)[:, 1:]
         token_lp = logp[:, :-1].gather(-1, target[..., None])[..., 0]
-        valid = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).to(device).bool()
+        valid = (b.attention_mask[:, 1:] & b.attention_mask[:, :-1]).to(device)
         total = (token_lp * valid).sum(-1)
         if reduction == "mean":
             total = total / valid.sum(-1).clamp(min=1)
-        out[batch.index.numpy()] = total.double().cpu().numpy()
+        out[b.index.numpy()] = total.double().cpu().numpy()
     return out
 
 
@@ -452,15 +500,13 @@ def next_token_logits(model, texts: Sequence[str], token_ids: Sequence[int], *, 
 
     ``fwd_hooks_for(batch) -> list[(hook_name, fn)]`` adds hooks per batch (used by interventions).
     """
-    token_lists = tokenize(model, texts, prepend_bos=prepend_bos)
+    batch = tokenize(model, texts, prepend_bos=prepend_bos)
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     out = np.zeros((len(texts), len(ids)))
     device = _device(model)
-    for batch in iter_batches(token_lists, batch_size, _pad_id(model), padding_side):
-        hooks = fwd_hooks_for(batch) if fwd_hooks_for is not None else []
-        logits = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=hooks,
-                                      attention_mask=batch.attention_mask.to(device))
-        last = batch.last().to(device)
+    for b in iter_batches(batch, batch_size, padding_side, pad_id=_pad_id(model.tokenizer)):
+        logits = _forward(model, b, fwd_hooks_for(b) if fwd_hooks_for is not None else [])
+        last = b.last().to(device)
         picked = logits[torch.arange(len(last), device=device), last][:, ids.to(device)]
-        out[batch.index.numpy()] = picked.double().cpu().numpy()
+        out[b.index.numpy()] = picked.double().cpu().numpy()
     return out

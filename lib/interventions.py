@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.activations import Batch, next_token_logits, tokenize
+from lib.activations import TokenBatch, next_token_logits, tokenize
 from lib.world.templates import JUDGEMENT_FALSE, JUDGEMENT_PREFIX, JUDGEMENT_TRUE
 
 
@@ -50,8 +50,7 @@ def add_direction_hook(direction: torch.Tensor | np.ndarray, alpha: float | torc
 def judgement_token_ids(model, prefix: str = JUDGEMENT_PREFIX, true: str = JUDGEMENT_TRUE,
                         false: str = JUDGEMENT_FALSE) -> tuple[int, int]:
     """Ids of the first tokens where ``prefix + true`` and ``prefix + false`` differ (any tokenizer)."""
-    a = tokenize(model, [prefix + true], prepend_bos=False)[0]
-    b = tokenize(model, [prefix + false], prepend_bos=False)[0]
+    a, b = tokenize(model, [prefix + true, prefix + false], prepend_bos=False).sequences()
     for x, y in zip(a, b):
         if x != y:
             return int(x), int(y)
@@ -64,8 +63,8 @@ def statement_end_positions(model, statements: Sequence[str], prefix: str = JUDG
 
     Raises ``ValueError`` if appending the prefix changes how the statement itself tokenizes.
     """
-    alone = tokenize(model, statements, prepend_bos=prepend_bos)
-    joined = tokenize(model, [s + prefix for s in statements], prepend_bos=prepend_bos)
+    alone = tokenize(model, statements, prepend_bos=prepend_bos).sequences()
+    joined = tokenize(model, [s + prefix for s in statements], prepend_bos=prepend_bos).sequences()
     for i, (a, j) in enumerate(zip(alone, joined)):
         if len(j) <= len(a) or not np.array_equal(j[: len(a)], a):
             raise ValueError(f"appending {prefix!r} re-tokenizes statement {i} ({statements[i]!r}); "
@@ -86,28 +85,13 @@ def judgement_logit_diff(model, statements: Sequence[str], hook: str | None = No
     if hook is not None and direction is not None and alpha != 0:
         ends = torch.as_tensor(statement_end_positions(model, statements, prefix, prepend_bos))
 
-        def fwd(batch: Batch):
+        def fwd(batch: TokenBatch):
             cols = batch.column(ends[batch.index])
             return [(hook, add_direction_hook(direction, alpha, cols))]
 
     logits = next_token_logits(model, texts, [true_id, false_id], prepend_bos=prepend_bos,
                                batch_size=batch_size, fwd_hooks_for=fwd)
     return logits[:, 0] - logits[:, 1]
-
-
-def steering_sweep(model, statements: Sequence[str], hook: str, directions: Mapping[str, np.ndarray],
-                   alphas: Sequence[float], **kwargs) -> pd.DataFrame:
-    """Mean change of logit(true) - logit(false) against ``alpha`` for each named direction.
-
-    Returns a frame indexed by alpha with one column per direction: the mean over statements of
-    ``diff(alpha) - diff(0)``.  Directions are used as given (normalise them to compare scales).
-    """
-    base = judgement_logit_diff(model, statements, **kwargs)
-    out = {}
-    for name, vec in directions.items():
-        out[name] = [float(np.mean(judgement_logit_diff(model, statements, hook, vec, a, **kwargs) - base))
-                     if a != 0 else 0.0 for a in alphas]
-    return pd.DataFrame(out, index=pd.Index(list(alphas), name="alpha"))
 
 
 def causal_sweep(model, statements: Sequence[str], labels: Sequence[int], hook: str,

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import torch
 
 from lib import paths
+from lib.utils import default_device
 
 
 class ModelNotFoundError(LookupError):
@@ -101,31 +102,48 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, str]:
     )
 
 
+def choose_dtype(kind: str, device: str | torch.device, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The dtype a model is loaded in: ``dtype`` when given (a ``torch.dtype`` or its name, e.g.
+    ``"bfloat16"``), else float32 for the toy models and on the CPU, bfloat16 for any other model
+    on a GPU (a 7B+ model in float32 would not fit, and bfloat16 is what it was trained in)."""
+    if dtype is not None:
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"unknown dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16'")
+            return getattr(torch, dtype)
+        return dtype
+    return torch.bfloat16 if kind != "toy" and torch.device(device).type == "cuda" else torch.float32
+
+
+def _boot(location: str, device, dtype: torch.dtype, name: str, kind: str, hf_model=None):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars add nothing for models this size
+    extra = {} if hf_model is None else {"hf_model": hf_model}
+    bridge = TransformerBridge.boot_transformers(location, device=device, dtype=dtype, **extra)
+    bridge.eval()
+    bridge.compendium_name = name  # the name the user asked for (cache keys use it)
+    bridge.compendium_kind = kind
+    return bridge
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ):
     """Load ``name_or_path`` as a ``TransformerBridge`` in eval mode.
 
     Args:
         name_or_path: a toy model name (``toy_model_names()``), a local HF directory, or a hub name.
-        device: defaults to CUDA when available, else CPU.
-        dtype: defaults to float32 (bfloat16 is a good choice for 7B+ models on a GPU).
+        device: defaults to CUDA when available, else CPU (:func:`lib.utils.default_device`).
+        dtype: defaults to :func:`choose_dtype`'s rule: float32, except bfloat16 for a non-toy
+            model on a GPU.  The only place a notebook's model dtype is decided.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     kind, location = resolve_model(name_or_path)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars add nothing for models this size
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    bridge = TransformerBridge.boot_transformers(location, device=device, dtype=dtype or torch.float32)
-    bridge.eval()
-    bridge.compendium_name = str(name_or_path)  # the name the user asked for (cache keys use it)
-    bridge.compendium_kind = kind
-    return bridge
+    device = device or default_device()
+    return _boot(location, device, choose_dtype(kind, device, dtype), str(name_or_path), kind)
 
 
 def prepend_bos_default(model) -> bool:
@@ -133,19 +151,11 @@ def prepend_bos_default(model) -> bool:
     return bool(getattr(model.cfg, "default_prepend_bos", True))
 
 
-def hook_names(model, layer: int | None = None) -> list[str]:
-    """The hook point names of ``model`` (optionally only those of block ``layer``)."""
-    names = sorted(model.hook_dict.keys()) if hasattr(model, "hook_dict") else []
-    if layer is not None:
-        names = [n for n in names if n.startswith(f"blocks.{layer}.")]
-    return names
-
-
 RESET_MODES = ("reinit", "shuffle")
 
 
 def reset_model(name_or_path: str | os.PathLike, mode: str = "reinit", seed: int = 0,
-                device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+                device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
     """The same architecture (and tokenizer) as ``name_or_path`` with its training destroyed: the
     "reset network" control of the XOR experiments.
 
@@ -159,18 +169,13 @@ def reset_model(name_or_path: str | os.PathLike, mode: str = "reinit", seed: int
     Returns a ``TransformerBridge`` like :func:`load_model`, with ``compendium_name``
     ``"{name}@reset-{mode}-{seed}"``.
     """
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if mode not in RESET_MODES:
         raise ValueError(f"mode must be one of {RESET_MODES}, got {mode!r}")
     kind, location = resolve_model(name_or_path)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = dtype or torch.float32
+    device = device or default_device()
+    dtype = choose_dtype(kind, device, dtype)
     if mode == "reinit":
         config = AutoConfig.from_pretrained(location)
         with torch.random.fork_rng(devices=[]):
@@ -184,8 +189,4 @@ def reset_model(name_or_path: str | os.PathLike, mode: str = "reinit", seed: int
                 perm = torch.randperm(p.shape[-1], generator=gen)
                 p.copy_(p[..., perm].clone())
     hf.eval()
-    bridge = TransformerBridge.boot_transformers(location, hf_model=hf, device=device, dtype=dtype)
-    bridge.eval()
-    bridge.compendium_name = f"{name_or_path}@reset-{mode}-{seed}"
-    bridge.compendium_kind = kind
-    return bridge
+    return _boot(location, device, dtype, f"{name_or_path}@reset-{mode}-{seed}", kind, hf_model=hf)

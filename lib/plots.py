@@ -1,8 +1,12 @@
 """Figure helpers: every figure a notebook makes goes through ``save_figure`` or ``show``.
 
-``save_figure(fig, "00_training_curves")`` writes ``figures/00_training_curves.html`` (interactive,
-plotly.js loaded from a CDN so the file stays small) and ``figures/00_training_curves.png``
-(static, through kaleido, which needs a Chromium: Debian's ``chromium`` package works).
+``save_figure(fig, "00_training_curves")`` writes ``figures/00_training_curves.html`` (interactive)
+and ``figures/00_training_curves.png`` (static, through kaleido, which needs a Chromium: Debian's
+``chromium`` package works).  Every HTML file loads the one ``figures/plotly.min.js`` written
+beside them (plotly's ``include_plotlyjs="directory"``), so the figures work offline and each
+stays small, and its plot has a fixed element id (``figure-{name}``), so an unchanged figure
+gives byte-identical files: a file is rewritten (atomically) only when its content changed, and
+rerunning the notebooks leaves the tree clean.
 ``show(fig, name)`` saves the figure and displays a scale-1 PNG inline, so an executed notebook
 embeds a small image rather than megabytes of plotly JSON and stays readable on GitHub.
 """
@@ -17,8 +21,10 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from lib import paths
+from lib.results import atomic_output
 
 PNG_SCALE = 2  # crisp on high-DPI screens; a 700x450 figure is ~100 kB
+PLOTLY_JS = "plotly.min.js"  # the one copy of plotly.js, beside the figures (include_plotlyjs="directory")
 TEMPLATE = "plotly_white"
 pio.templates.default = TEMPLATE
 
@@ -36,22 +42,32 @@ def _ensure_browser_path() -> None:
             return
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if not path.exists() or path.read_bytes() != data:
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(data)
+
+
 def save_figure(fig: go.Figure, name: str, width: int = 800, height: int = 500) -> dict[str, Path]:
-    """Write ``figures/{name}.html`` and ``figures/{name}.png``; return the paths written.
+    """Write ``figures/{name}.html`` and ``figures/{name}.png`` (and ``figures/plotly.min.js`` if it
+    is missing or from another plotly version); return the paths of the figure's files.
 
     If no Chromium is available the PNG is skipped with a warning that says how to get one
     (``apt-get install -y chromium``); the HTML is always written.
     """
+    from plotly.offline import get_plotlyjs
+
     out = paths.figures_dir()
-    out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     html = out / f"{name}.html"
-    fig.write_html(html, include_plotlyjs="cdn", full_html=True)
+    page = fig.to_html(include_plotlyjs="directory", full_html=True, div_id=f"figure-{name}")
+    _write_if_changed(html, page.encode("utf-8"))
+    _write_if_changed(out / PLOTLY_JS, get_plotlyjs().encode("utf-8"))
     written["html"] = html
     _ensure_browser_path()
     png = out / f"{name}.png"
     try:
-        fig.write_image(png, width=width, height=height, scale=PNG_SCALE)
+        _write_if_changed(png, fig.to_image(format="png", width=width, height=height, scale=PNG_SCALE))
         written["png"] = png
     except Exception as err:  # kaleido raises several types when Chromium is missing
         warnings.warn(

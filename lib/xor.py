@@ -6,161 +6,35 @@ are the parity columns ``"a^b"`` that :func:`lib.datasets.add_xor_columns` adds.
 whether a linear probe reads each of them from the residual stream, in the trained model and in
 the same architecture with its training destroyed (:func:`lib.models.reset_model`).
 
->>> split = xor.split_rows(frame, groups=frame["filler"])           # one held-out split for all
+>>> split = train_test_indices(len(frame), groups=frame["filler"])  # lib.probes: one held-out split for all
 >>> table = xor.probe_table({"0": X0, "1": X1}, frame, features, split)  # layer x feature accuracy
 >>> xor.constant_b_generalization(X1, frame["has_true"], frame["has_banana"], split)
 
-Probes are logistic regression with a bias on standardised activations (the scaling is fitted on
-the training rows only; scikit-learn's objective, solved by Newton's method in a dozen steps),
-accuracy on held-out rows.  The held-out rows are the same for every
+Probes are :class:`lib.probes.LogisticProbe` with a bias on standardised activations (the scaling
+is fitted on the training rows only; scikit-learn's objective, solved by Newton's method in a
+dozen steps), accuracy on held-out rows.  The held-out rows are the same for every
 feature and layer, so two cells of a table differ only in what is probed.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from lib.datasets import XOR_SEP
+from lib.probes import LinearProbe, LogisticProbe, Split, as_labels
 
 
-@dataclass(frozen=True)
-class Split:
-    """Row indices of one held-out split (each sorted)."""
-
-    train: np.ndarray
-    test: np.ndarray
-
-    def __post_init__(self):
-        if len(np.intersect1d(self.train, self.test)):
-            raise ValueError("train and test rows overlap")
-
-
-def split_rows(frame: pd.DataFrame, groups: Sequence | pd.Series | None = None, test_fraction: float = 0.2,
-               seed: int = 0) -> Split:
-    """An 80/20 split of ``frame``'s rows.
-
-    With ``groups`` (one key per row, e.g. the city or the filler text) whole groups are held
-    out, so two rows that share their content never straddle the split: a probe that memorised a
-    city (or a filler) could otherwise score *below* chance on its partner row with the opposite
-    label.  Without, a uniformly random split.
-    """
-    n = len(frame)
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        order = rng.permutation(n)
-        k = int(round(test_fraction * n))
-        return Split(np.sort(order[k:]), np.sort(order[:k]))
-    from lib.probes import train_test_indices  # the grouped split notebook 01 uses
-
-    train, test = train_test_indices(np.zeros(n, dtype=np.int64), test_fraction, seed=seed, groups=list(groups))
-    return Split(train, test)
-
-
-def _bits(y) -> np.ndarray:
-    y = np.asarray(y).astype(np.int64)
-    if not set(np.unique(y).tolist()) <= {0, 1}:
-        raise ValueError(f"a feature must be 0/1, got values {sorted(set(np.unique(y).tolist()))[:5]}")
-    return y
-
-
-@dataclass
-class Probe:
-    """A fitted logistic-regression probe: ``predict(X) = 1[((X - mean) / scale) @ w + b > 0]``."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    w: np.ndarray
-    b: float
-    n_iter: int
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ self.w + self.b
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return (self.decision_function(X) > 0).astype(np.int64)
-
-
-def logistic_newton(Z: np.ndarray, y: np.ndarray, C: float = 1.0, tol: float = 1e-8,
-                    max_iter: int = 100) -> tuple[np.ndarray, float, int]:
-    """L2-regularised logistic regression with an unpenalised bias, solved by Newton's method.
-
-    Minimises ``0.5 ||w||^2 + C * sum_i log(1 + exp(-s_i (z_i . w + b)))`` (``s_i = 2 y_i - 1``):
-    scikit-learn's ``LogisticRegression(C=C)`` objective, so the solutions agree.  The problem is
-    strictly convex in ``w`` and the Hessian is only (d+1) x (d+1), so a dozen damped Newton
-    steps reach the optimum where lbfgs needs hundreds of iterations on correlated activations
-    (and thousands on separable ones).  Returns ``(w, b, iterations)``.
-    """
-    n, d = Z.shape
-    A = np.hstack([Z, np.ones((n, 1))])
-    theta = np.zeros(d + 1)
-    reg = np.ones(d + 1)
-    reg[-1] = 0.0  # the bias is not penalised
-    s = 2.0 * y - 1.0
-
-    def objective(t):
-        m = s * (A @ t)
-        return 0.5 * np.sum(reg * t * t) + C * np.sum(np.logaddexp(0.0, -m))
-
-    f = objective(theta)
-    it = 0
-    for it in range(1, max_iter + 1):
-        m = s * (A @ theta)
-        sig = 0.5 * (1.0 + np.tanh(-0.5 * m))  # = 1 / (1 + exp(m)), overflow-free
-        grad = reg * theta - C * (A.T @ (s * sig))
-        weights = C * sig * (1.0 - sig)
-        H = (A * weights[:, None]).T @ A + np.diag(reg) + 1e-10 * np.eye(d + 1)
-        step = np.linalg.solve(H, grad)
-        decrement = float(grad @ step)
-        t = 1.0
-        while True:  # backtracking line search (Armijo)
-            cand = theta - t * step
-            f_new = objective(cand)
-            if f_new <= f - 0.25 * t * decrement or t < 1e-8:
-                break
-            t *= 0.5
-        theta, f = cand, f_new
-        if decrement / 2.0 < tol * max(1.0, abs(f)):
-            break
-    return theta[:-1], float(theta[-1]), it
-
-
-NEWTON_MAX_DIM = 1024  # above this width a Newton step's (d x d) solve costs more than lbfgs's whole fit
-
-
-def fit_probe(X: np.ndarray, y, train: np.ndarray, C: float = 1.0, solver: str = "auto") -> Probe:
-    """Logistic regression with a bias on ``X[train]`` standardised with the training rows' mean and
-    standard deviation (scikit-learn's objective).
-
-    ``solver``: ``"newton"`` (:func:`logistic_newton`), ``"lbfgs"`` (scikit-learn, ``tol=1e-6``)
-    or ``"auto"``: Newton up to ``NEWTON_MAX_DIM`` dimensions (the toy models, GPT-2 small), lbfgs
-    beyond (each Newton step costs ``n d^2``: for a 5120-wide model, seconds per step).
-    """
-    if solver not in ("auto", "newton", "lbfgs"):
-        raise ValueError(f"solver must be 'auto', 'newton' or 'lbfgs', got {solver!r}")
-    y = _bits(y)
-    if len(np.unique(y[train])) < 2:
-        raise ValueError("the training rows hold only one class of this feature; no probe can be fitted")
-    Xt = np.asarray(X[train], dtype=np.float64)
-    mean = Xt.mean(0)
-    scale = Xt.std(0)
-    scale[scale == 0] = 1.0
-    Z = (Xt - mean) / scale
-    if solver == "newton" or (solver == "auto" and Z.shape[1] <= NEWTON_MAX_DIM):
-        w, b, n_iter = logistic_newton(Z, y[train].astype(np.float64), C=C)
-        return Probe(mean, scale, w, b, n_iter)
-    from sklearn.linear_model import LogisticRegression
-
-    lr = LogisticRegression(C=C, tol=1e-6, max_iter=5000).fit(Z, y[train])
-    return Probe(mean, scale, lr.coef_[0].astype(np.float64), float(lr.intercept_[0]), int(lr.n_iter_[0]))
+def xor_probe(C: float = 1.0) -> LogisticProbe:
+    """The probe of this experiment: logistic regression with a bias on standardised activations."""
+    return LogisticProbe(C=C, fit_bias=True, standardize=True)
 
 
 def probe_accuracy(X: np.ndarray, y, split: Split, C: float = 1.0) -> float:
     """Held-out accuracy of a probe for ``y`` trained on ``split.train``."""
-    y = _bits(y)
-    probe = fit_probe(X, y, split.train, C=C)
+    y = as_labels(y)
+    probe = xor_probe(C).fit(X[split.train], y[split.train])
     return float((probe.predict(X[split.test]) == y[split.test]).mean())
 
 
@@ -187,7 +61,7 @@ def majority_baseline(frame: pd.DataFrame, features: Sequence[str], split: Split
     features = as_names(features, "features")
     out = {}
     for f in features:
-        y = _bits(frame[f])
+        y = as_labels(frame[f])
         majority = int(y[split.train].mean() >= 0.5)
         out[f] = float((y[split.test] == majority).mean())
     return pd.Series(out)
@@ -200,7 +74,7 @@ def chance_band(n_test: int, z: float = 3.0) -> tuple[float, float]:
 
 
 def constant_b_generalization(X: np.ndarray, a, b, split: Split, b_train: int = 1, seed: int = 0,
-                              C: float = 1.0) -> dict[str, float]:
+                              C: float = 1.0, probe: Callable[[], LinearProbe] | None = None) -> dict[str, float]:
     """The generalization failure XORs predict: a probe for ``a`` trained where ``b`` is constant.
 
     - ``b_constant_train``: trained on the training rows with ``b == b_train``, tested on the
@@ -211,9 +85,11 @@ def constant_b_generalization(X: np.ndarray, a, b, split: Split, b_train: int = 
 
     If the model represents ``a^b`` as strongly as ``a``, the b-constant probe's direction mixes
     ``a`` with ``a^b`` (within its data they are the same feature) and its accuracy drops, even
-    below chance, once ``b`` flips.  Varying ``b`` in training decorrelates them.
+    below chance, once ``b`` flips.  Varying ``b`` in training decorrelates them.  ``probe``
+    builds the probe (default :func:`xor_probe` with ``C``).
     """
-    a, b = _bits(a), _bits(b)
+    a, b = as_labels(a), as_labels(b)
+    make = probe or (lambda: xor_probe(C))
     rng = np.random.default_rng(seed)
     const = split.train[b[split.train] == b_train]
     varied = np.sort(rng.choice(split.train, size=len(const), replace=False))
@@ -221,13 +97,35 @@ def constant_b_generalization(X: np.ndarray, a, b, split: Split, b_train: int = 
     same = split.test[b[split.test] == b_train]
     out = {}
     for name, rows in (("b_constant_train", const), ("b_varied_train", varied)):
-        probe = fit_probe(X, a, rows, C=C)
+        fitted = make().fit(X[rows], a[rows])
         for suffix, test in (("", flipped), ("_same_b", same)):
-            pred = probe.predict(X[test])
-            out[name + suffix] = float((pred == a[test]).mean())
+            out[name + suffix] = float((fitted.predict(X[test]) == a[test]).mean())
     out["n_train"] = int(len(const))
     out["n_test_flipped"] = int(len(flipped))
     return out
+
+
+def synthetic_constant_b(xor_strength: float, sigma: float = 0.3, n: int = 4000, d: int = 3,
+                         seed: int = 0) -> dict[str, float]:
+    """:func:`constant_b_generalization` on the synthetic Gaussian cells of
+    :func:`lib.toys.xor_clusters.gaussian_clusters`: trained on ``2n`` rows (``b = 1`` only, or
+    as many rows of all four cells), tested on ``2n`` fresh rows with ``b = 0``; the probe is
+    weakly regularised logistic regression with a bias on the raw coordinates.
+
+    Within ``b = 1`` the means of ``a=0`` and ``a=1`` differ by ``e_1 - xor_strength e_3``, so the
+    b-constant probe leans on the XOR direction; on ``b = 0`` that direction points the other way
+    (``e_1 + xor_strength e_3``) and the probe's margin is ``1 - xor_strength^2``: past
+    ``xor_strength = 1`` it is worse than chance.
+    """
+    from lib.toys.xor_clusters import gaussian_clusters
+
+    train = gaussian_clusters(2 * n, sigma=sigma, xor_strength=xor_strength, d=d, seed=seed)
+    test = gaussian_clusters(2 * n, sigma=sigma, xor_strength=xor_strength, d=d, seed=seed + 1)
+    split = Split(np.arange(2 * n), 2 * n + np.arange(2 * n))
+    r = constant_b_generalization(np.vstack([train.X, test.X]), np.concatenate([train.a, test.a]),
+                                  np.concatenate([train.b, test.b]), split, b_train=1, seed=seed,
+                                  probe=lambda: LogisticProbe(C=100.0, fit_bias=True))
+    return {k: r[k] for k in ("b_constant_train", "b_varied_train")}
 
 
 def split_xor_name(feature: str) -> list[str]:
@@ -246,20 +144,14 @@ def feature_order(features: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # activations and figures
 # --------------------------------------------------------------------------------------------
-def layer_hooks(model) -> dict[str, str]:
-    """``{"embed": "blocks.0.hook_resid_pre", "0": "blocks.0.hook_resid_post", ...}``: the residual
-    stream before the first block and after each block."""
-    hooks = {"embed": "blocks.0.hook_resid_pre"}
-    hooks.update({str(layer): f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)})
-    return hooks
-
-
 def layer_activations(model, texts: Sequence[str], dataset: str, batch_size: int = 64,
                       cache=True) -> dict[str, np.ndarray]:
-    """Last-token residual activations at every :func:`layer_hooks` point: ``{layer: (n, d_model)}``."""
+    """Last-token residual activations before the first block and after each block
+    (:func:`lib.hooks.residual_stream_hooks`): ``{layer: (n, d_model)}``."""
     from lib.activations import harvest
+    from lib.hooks import residual_stream_hooks
 
-    hooks = layer_hooks(model)
+    hooks = residual_stream_hooks(model)
     acts = harvest(model, list(texts), list(hooks.values()), position="last", dataset=dataset,
                    batch_size=batch_size, cache=cache)
     return {label: acts.numpy(hook) for label, hook in hooks.items()}
@@ -304,3 +196,84 @@ def networks(model_name: str, reset_seed: int = 0, device=None, trained=None):
             model = reset_model(model_name, mode, seed=reset_seed, device=device)
         yield name, model
         del model
+
+
+def synthetic_scatter(scenarios: Mapping, feature: str = "a^b", every: int = 4):
+    """One panel per synthetic scenario (:mod:`lib.toys.xor_clusters` data), the ``feature`` classes
+    coloured, in the plane where they separate or fail to: ``(x1 + x2, x1 - x2)``, or
+    ``(x1 - x2, x3)`` for scenarios with an XOR direction (names containing "XOR")."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(scenarios), subplot_titles=[n.split(" (")[0] for n in scenarios],
+                        horizontal_spacing=0.05)
+    colors = {0: "#1f77b4", 1: "#d62728"}
+    for k, (name, d) in enumerate(scenarios.items()):
+        y, idx = d.feature(feature), np.arange(0, len(d.a), every)
+        has_xor = "XOR" in name
+        x_axis = d.X[idx, 0] - d.X[idx, 1] if has_xor else d.X[idx, 0] + d.X[idx, 1]
+        y_axis = d.X[idx, 2] if has_xor else d.X[idx, 0] - d.X[idx, 1]
+        for v in (0, 1):
+            m = y[idx] == v
+            fig.add_trace(go.Scattergl(x=x_axis[m], y=y_axis[m], mode="markers", name=f"{feature} = {v}",
+                                       marker={"size": 3, "color": colors[v], "opacity": 0.5}, showlegend=k == 0),
+                          row=1, col=k + 1)
+        fig.update_xaxes(title_text="x1 - x2" if has_xor else "x1 + x2", row=1, col=k + 1)
+        fig.update_yaxes(title_text="x3 (XOR direction)" if has_xor else "x1 - x2", row=1, col=k + 1)
+    fig.update_layout(title=f"The XOR classes in each scenario ({feature} = 1 red, 0 blue)", margin={"t": 80})
+    return fig
+
+
+GENERALIZATION_BARS = {"b_constant_train_same_b": "b-constant probe, b unchanged",
+                       "b_constant_train": "b-constant probe, b flipped", "b_varied_train": "b-varied probe, b flipped"}
+
+
+def generalization_bars(rows: pd.DataFrame, title: str):
+    """Grouped bars of :func:`constant_b_generalization`'s three accuracies, one group per
+    ``(dataset, a, b)`` row of ``rows``, with the chance line."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    labels = [f"{r.dataset}: a={r.a}, b={r.b}" for r in rows.itertuples()]
+    for col, name in GENERALIZATION_BARS.items():
+        fig.add_bar(x=labels, y=rows[col], name=name)
+    fig.add_hline(y=0.5, line_dash="dot", annotation_text="chance")
+    fig.update_layout(barmode="group", title=title, yaxis_title="held-out accuracy", yaxis_range=[0, 1],
+                      margin={"b": 140})
+    return fig
+
+
+SHORT_NAMES = {"trained": "trained", "reset (re-initialised)": "reset", "reset (weights shuffled)": "reset_shuffled"}
+
+
+def results_record(model_name: str, n_rows: int, tables: Mapping[str, pd.DataFrame], split_std: Mapping[str, float],
+                   split_min: Mapping[str, float], city_tables: Mapping[tuple[str, str], pd.DataFrame],
+                   gen_model: pd.DataFrame, gen_synth: pd.DataFrame, synth: pd.DataFrame, grid: pd.DataFrame,
+                   layer: str) -> dict:
+    """Notebook 02's key numbers as ``data/results/02_xor_features.json`` stores them: the probe
+    tables by network (``tables``, and ``city_tables[dataset, network]``), their spread over
+    splits, the generalization failure (headline: ``has_true`` with ``has_banana`` fixed, at
+    ``layer``), and the synthetic tables (``grid``: sigma x c)."""
+    def by_layer(t: pd.DataFrame) -> dict:
+        return {row: t.loc[row].to_dict() for row in t.index}
+
+    city: dict[str, dict] = {}
+    for (ds, name), t in city_tables.items():
+        city.setdefault(ds, {})[SHORT_NAMES[name]] = by_layer(t)
+    head = gen_model[(gen_model["dataset"] == "xor") & (gen_model["a"] == "has_true") & (gen_model["b"] == "has_banana")
+                     & (gen_model["layer"] == layer)].iloc[0]
+    return {
+        "model": model_name, "n_rows": n_rows,
+        "probes": {SHORT_NAMES[name]: by_layer(t) for name, t in tables.items()},
+        "probes_split_std": {SHORT_NAMES[name]: split_std[name] for name in tables},
+        "probes_lowest_over_splits": {SHORT_NAMES[name]: split_min[name] for name in tables},
+        "city_probes": city,
+        "generalization_failure": {
+            "dataset": "xor", "a": "has_true", "b": "has_banana", "layer": layer,
+            **{k: float(head[k]) for k in ("b_constant_train", "b_varied_train", "b_constant_train_same_b")},
+            "all": gen_model.to_dict(orient="records"),
+            "synthetic": {str(c): r for c, r in gen_synth.to_dict(orient="index").items()},
+        },
+        "synthetic": synth.to_dict(orient="index"),
+        "synthetic_xor_grid": {str(s): {str(c): float(grid.loc[s, c]) for c in grid.columns} for s in grid.index},
+    }

@@ -1,5 +1,6 @@
 """Harvesting on the tiny GPT-2 / GPT-NeoX / Llama models: agreement with TransformerLens's own
-cache under either padding, early stopping, the on-disk cache, log-probabilities."""
+cache under either padding, positions and exclusions, early stopping, the on-disk cache,
+whole-batch activations, log-probabilities."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import lib.activations as A
+from lib.hooks import resid_hooks
 
 TEXTS = [
     "The city of Paris is in France.",
@@ -31,7 +33,7 @@ def test_harvest_matches_unbatched_run_with_cache(arch, padding_side, tiny_bridg
     model = tiny_bridges[arch]
     last = A.harvest(model, TEXTS, HOOKS, "last", padding_side=padding_side, batch_size=2, cache=False)
     every = A.harvest(model, TEXTS, HOOKS, "all", padding_side=padding_side, batch_size=3, cache=False)
-    lengths = [len(t) for t in A.tokenize(model, TEXTS, prepend_bos=True)]
+    lengths = A.tokenize(model, TEXTS, prepend_bos=True).lengths.tolist()
     assert last.text_index.tolist() == list(range(len(TEXTS)))
     assert every[HOOKS[0]].shape == (sum(lengths), model.cfg.d_model)
     assert every.token_position.tolist() == [p for n in lengths for p in range(n)]
@@ -55,8 +57,8 @@ def test_explicit_positions_and_their_errors(tiny_bridges):
 
 def test_prepend_bos_is_explicit(tiny_bridges):
     model = tiny_bridges["neox"]  # GPT-NeoX does not prepend BOS by default
-    with_bos = A.tokenize(model, ["a banana"], prepend_bos=True)[0]
-    without = A.tokenize(model, ["a banana"], prepend_bos=False)[0]
+    with_bos = A.tokenize(model, ["a banana"], prepend_bos=True).sequences()[0]
+    without = A.tokenize(model, ["a banana"], prepend_bos=False).sequences()[0]
     assert with_bos[0] == model.tokenizer.bos_token_id and np.array_equal(with_bos[1:], without)
 
 
@@ -67,7 +69,7 @@ def test_tokenize_lengths_when_pad_is_bos(tiny_bridges):
     old = tok.pad_token
     try:
         tok.pad_token = tok.bos_token
-        ids = A.tokenize(model, TEXTS, prepend_bos=True)
+        ids = A.tokenize(model, TEXTS, prepend_bos=True).sequences()
     finally:
         tok.pad_token = old
     for text, row in zip(TEXTS, ids):
@@ -91,7 +93,7 @@ def test_forward_stops_after_the_last_needed_hook(tiny_bridges):
 def test_unknown_hook_is_named(tiny_bridges):
     with pytest.raises(KeyError, match=r"blocks\.7\.hook_resid_post"):
         A.harvest(tiny_bridges["gpt2"], TEXTS, ["blocks.7.hook_resid_post"], cache=False)
-    assert A.resid_hooks(tiny_bridges["gpt2"]) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert resid_hooks(tiny_bridges["gpt2"]) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
 
 def test_disk_cache_hits_misses_and_atomic_files(tiny_bridges, tmp_path, monkeypatch):
@@ -133,6 +135,64 @@ def test_disk_cache_hits_misses_and_atomic_files(tiny_bridges, tmp_path, monkeyp
     fixed = A.harvest(model, TEXTS, HOOKS[:2], dataset="demo", cache=store)
     for h in HOOKS[:2]:
         assert torch.allclose(fixed[h], first[h])
+
+
+def test_tokenize_cuts_pads_and_masks(tiny_bridges):
+    model = tiny_bridges["neox"]
+    tok = model.tokenizer
+    batch = A.tokenize(model, ["Alice went to the shed.", "Paris"], 64)
+    ids0 = tok("Alice went to the shed.", add_special_tokens=False)["input_ids"]
+    ids1 = tok("Paris", add_special_tokens=False)["input_ids"]
+    assert batch.tokens[0, : len(ids0) + 1].tolist() == [tok.bos_token_id] + ids0
+    assert (batch.tokens[1, len(ids1) + 1:] == tok.pad_token_id).all()
+    assert batch.lengths.tolist() == [len(ids0) + 1, len(ids1) + 1]
+    counted = batch.counted_mask()  # neither BOS nor padding
+    assert not counted[:, 0].any() and counted.sum() == len(ids0) + len(ids1)
+    assert batch.counted_mask({"pad"}).sum() == len(ids0) + len(ids1) + 2
+    assert batch.counted_mask(()).all()
+    assert A.tokenize(model, ["Alice went to the shed."], 4).tokens.shape == (1, 4)
+    assert A.tokenize(model, ["Paris"], pad_to=9).tokens.shape == (1, 9)
+    with pytest.raises(TypeError, match="list of texts"):
+        A.tokenize(model, "Alice")
+    with pytest.raises(ValueError, match="exclude"):
+        batch.counted_mask({"eos"})
+    # left padding: the BOS column moves, the counted tokens do not
+    left = A.pad(batch.sequences(), 2, "left")
+    assert left.counted_mask().sum() == counted.sum() and not left.counted_mask()[1, -len(ids1) - 1]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_all_positions_without_bos_and_cut_to_context(tiny_bridges, padding_side):
+    model = tiny_bridges["gpt2"]
+    every = A.harvest(model, TEXTS, HOOKS[0], "all", cache=False)
+    no_bos = A.harvest(model, TEXTS, HOOKS[0], "all", exclude={"bos", "pad"}, padding_side=padding_side,
+                       batch_size=2, cache=False)
+    assert torch.equal(no_bos.text_index, every.text_index[every.token_position > 0])
+    assert torch.allclose(no_bos[HOOKS[0]], every[HOOKS[0]][every.token_position > 0], atol=1e-5)
+    short = A.harvest(model, TEXTS, HOOKS[0], "all", exclude={"bos"}, context_size=4, cache=False)
+    assert short.token_position.max() == 3 and len(short.token_position) == sum(min(n, 4) - 1 for n in
+                                                                               A.tokenize(model, TEXTS).lengths.tolist())
+    # one text at a time (no padding at all) gives the same activations
+    alone = torch.cat([A.harvest(model, [t], HOOKS[0], "all", exclude={"bos"}, cache=False)[HOOKS[0]] for t in TEXTS])
+    torch.testing.assert_close(no_bos[HOOKS[0]], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exclude"):
+        A.harvest(model, TEXTS, HOOKS[0], "all", exclude={"eos"}, cache=False)
+
+
+def test_batch_activations_are_the_cache_and_stop_early(tiny_bridges):
+    model = tiny_bridges["llama"]
+    batch = A.tokenize(model, TEXTS)
+    acts = A.batch_activations(model, batch, HOOKS[:2])
+    logits, with_logits = A.batch_activations(model, batch, HOOKS[0], logits=True)
+    for i, text in enumerate(TEXTS):
+        ref = reference(model, text, HOOKS[:2])
+        n = int(batch.lengths[i])
+        for h in HOOKS[:2]:
+            torch.testing.assert_close(acts[h][i, :n], ref[h], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(with_logits[HOOKS[0]][i, :n], ref[HOOKS[0]], atol=1e-5, rtol=1e-5)
+    assert logits.shape == (*batch.tokens.shape, model.cfg.d_vocab)
+    with pytest.raises(KeyError, match="blocks.9"):
+        A.batch_activations(model, batch, "blocks.9.hook_resid_post")
 
 
 def test_sequence_logprobs_and_next_token_logits(tiny_bridges):

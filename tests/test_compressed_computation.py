@@ -2,8 +2,9 @@
 
 Known answers are computed independently of the library's shortcuts: the full residual model is
 run explicitly (embed, MLP in d_resid, unembed) and compared with the effective form; the Gram /
-sparse training objective is compared with the dense squared error; ablations with models whose
-weights were zeroed by hand.
+sparse training objective is compared with the dense squared error; the batched engine is
+compared with the plain training loop it implements (``train_reference``); ablations with models
+whose weights were zeroed by hand.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from lib.toys import compressed_computation as cc
+from lib.toys.compressed_computation import sparse
 
 
 @pytest.fixture(autouse=True)
@@ -145,13 +147,13 @@ def test_training_objective_equals_dense_squared_error(p):
     """The Gram-form loss (and its gradient, and the per-feature SSE) vs the plain computation."""
     g = torch.Generator().manual_seed(4)
     n, h, K = 20, 8, 3
-    sm = cc._Sample(512, n, p, g)
-    sb = cc._Batch(sm, p)
-    assert sb.sparse == (p < cc._Batch.DENSE_FROM)
+    sm = sparse._Sample(512, n, p, g)
+    sb = sparse._Batch(sm, p)
+    assert sb.sparse == (p < sparse._Batch.DENSE_FROM)
     A = torch.randn(K, n, h, generator=g, requires_grad=True)
     B = torch.randn(K, h, n, generator=g)
     mix = torch.randn(K, n, n, generator=g) * torch.tensor([0.0, 1.0, 1.0])[:, None, None]
-    obj = cc._objective(sb, A, B, mix)
+    obj = sparse._objective(sb, A, B, mix)
     x = sm.dense()
     assert x.shape[0] == sm.R and bool((x != 0).any(dim=1).all())  # all-zero rows dropped
     t = torch.relu(x)[None] - x[None] @ mix
@@ -161,7 +163,7 @@ def test_training_objective_equals_dense_squared_error(p):
     (ga,) = torch.autograd.grad(obj.sum(), A)
     (gd,) = torch.autograd.grad(direct.sum(), A)
     torch.testing.assert_close(ga, gd, atol=1e-3, rtol=1e-4)
-    sse = cc._per_feature_sse(sb, A.detach(), B, mix)
+    sse = sparse._per_feature_sse(sb, A.detach(), B, mix)
     torch.testing.assert_close(sse, err.detach().pow(2).sum(1), atol=1e-3, rtol=1e-4)
 
 
@@ -174,6 +176,23 @@ def test_training_reduces_loss():
     before = cc.evaluate(start, active_rows=8000).mean(1)
     assert bool((after < 0.75 * before).all()), (before, after)
     assert bool((trained.loss_curves[:, -1] < trained.loss_curves[:, 0]).all())
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1])  # the CSR path and the dense path
+def test_engine_trains_what_the_reference_loop_trains(p):
+    """The batched, sparse, multi-model engine against the plain dense loop, model by model:
+    full and effective parametrizations, all three embeddings, explicit mixing."""
+    cfg = cc.TrainConfig(n_features=20, d_resid=40, d_mlp=10, batch_size=256, steps=40, log_every=10, workers=1)
+    specs = [cc.ModelSpec(p, "random", 0.0, 0), cc.ModelSpec(p, "clean", 0.3, 1), cc.ModelSpec(p, "none", 0.0, 0),
+             cc.ModelSpec(p, "random", 0.0, 1, parametrization="effective")]
+    trained = cc.train_models(specs, cfg)
+    for i, spec in enumerate(specs):
+        A, B, mix = cc.train_reference(spec, cfg)
+        torch.testing.assert_close(trained.mix[i], mix)
+        torch.testing.assert_close(trained.A[i], A, atol=2e-4, rtol=1e-3)
+        torch.testing.assert_close(trained.B[i], B, atol=2e-4, rtol=1e-3)
+    untrained = cc.train_reference(specs[0], cc.TrainConfig(**{**cfg.__dict__, "steps": 0}))
+    assert (trained.A[0] - untrained[0]).abs().max() > 1e-2  # it did train
 
 
 def test_results_do_not_depend_on_workers_or_grouping():

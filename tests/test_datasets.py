@@ -1,5 +1,5 @@
 """Truth datasets: generation (sizes, balance, correct labels, determinism), the CSV reader's
-validation, contrast pairs, and the probing protocol's splits."""
+validation, contrast pairs, what statements are about, and the object-only baseline."""
 from __future__ import annotations
 
 import numpy as np
@@ -140,32 +140,6 @@ def test_contrast_pairs_match_by_text_in_unaligned_files(frames):
         ds.contrast_pairs(frames, "cities_cities_conj")
 
 
-def test_probe_data_centres_splits_and_keeps_pairs_together(frames):
-    names = ["cities", "neg_cities", "sp_en_trans", "cities_cities_conj"]
-    rng = np.random.default_rng(0)
-    acts = {n: rng.normal(size=(len(frames[n]), 4)) + 3.0 for n in names}
-    data = ds.truth_probe_data({n: frames[n] for n in names}, acts, test_fraction=0.2, seed=0)
-    for n in names:
-        assert np.allclose(data.X[n].mean(0), 0)
-        assert len(np.intersect1d(data.train[n], data.test[n])) == 0
-        assert len(data.train[n]) + len(data.test[n]) == len(frames[n])
-        assert abs(len(data.test[n]) / len(frames[n]) - 0.2) < 0.01
-        assert data.y[n][data.test[n]].mean() == pytest.approx(0.5, abs=0.01)
-    # whole facts are held out: no city is on both sides, in either polarity
-    keys = {n: ds.fact_keys(frames[n]) for n in ("cities", "neg_cities")}
-    seen = set(keys["cities"][data.train["cities"]]) | set(keys["neg_cities"][data.train["neg_cities"]])
-    held = set(keys["cities"][data.test["cities"]]) | set(keys["neg_cities"][data.test["neg_cities"]])
-    assert not seen & held and set(keys["cities"][data.test["cities"]]) == set(keys["neg_cities"][data.test["neg_cities"]])
-    rows, partner_rows, _ = data.pairs["cities"]
-    assert (np.isin(rows, data.test["cities"]) == np.isin(partner_rows, data.test["neg_cities"])).all()
-    X, y = data.train_set("cities+neg_cities")
-    assert len(X) == len(data.train["cities"]) + len(data.train["neg_cities"]) == len(y)
-    pos, neg, yy = data.ccs_train_set("cities")
-    assert pos.shape == neg.shape and len(yy) == len(data.train["cities"])
-    assert data.ccs_train_set("cities_cities_conj") is None
-    assert data.train_sets(["cities_cities_conj"], probe="ccs") == {"cities_cities_conj": None}
-
-
 def test_fact_keys_read_the_templates():
     frame = pd.DataFrame({"statement": [
         "The city of Paris is in France.", "The city of Paris is not in Chile.",
@@ -179,7 +153,7 @@ def test_fact_keys_read_the_templates():
 # unbiased by construction: the object a statement names says nothing about its label
 # --------------------------------------------------------------------------------------------
 def _object_only(frame: pd.DataFrame) -> tuple[float, float]:
-    from lib.probes import object_only_baseline
+    from lib.truth import object_only_baseline
 
     out = object_only_baseline(frame)
     return out["accuracy"], out["auroc"]

@@ -11,8 +11,8 @@ from lib.interventions import (
     judgement_logit_diff,
     judgement_token_ids,
     statement_end_positions,
-    steering_sweep,
 )
+from lib.hooks import hook_name
 from lib.world.templates import JUDGEMENT_PREFIX
 
 STATEMENTS = ["The city of Paris is in France.", "The Spanish word 'gato' means 'cat'.", "a banana."]
@@ -50,8 +50,8 @@ def test_statement_end_is_the_period(tiny_bridges):
     model = tiny_bridges["llama"]
     ends = statement_end_positions(model, STATEMENTS)
     for s, end in zip(STATEMENTS, ends):
-        ids = tokenize(model, [s + JUDGEMENT_PREFIX], prepend_bos=True)[0]
-        assert end == len(tokenize(model, [s], prepend_bos=True)[0]) - 1
+        ids = tokenize(model, [s + JUDGEMENT_PREFIX], prepend_bos=True).sequences()[0]
+        assert end == len(tokenize(model, [s], prepend_bos=True).sequences()[0]) - 1
         assert model.tokenizer.decode(ids[end]).endswith(".")
     t, f = judgement_token_ids(model)
     # the first tokens where " That is true" and " That is false" part ways (the tiny vocabulary
@@ -87,21 +87,10 @@ def test_judgement_logit_diff_matches_a_manual_run(arch, tiny_bridges):
 def test_last_layer_at_the_period_cannot_reach_the_judgement(tiny_bridges):
     """Causality: the final residual at an earlier position is read by no later position."""
     model = tiny_bridges["neox"]
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    last = hook_name(model.cfg.n_layers - 1)
     direction = np.ones(model.cfg.d_model)
     base = judgement_logit_diff(model, STATEMENTS)
     assert np.allclose(judgement_logit_diff(model, STATEMENTS, last, direction, alpha=10.0), base, atol=1e-5)
-
-
-def test_steering_sweep_shape_and_zero_at_alpha_zero(tiny_bridges):
-    model = tiny_bridges["gpt2"]
-    d = model.cfg.d_model
-    dirs = {"a": np.eye(d)[0], "b": -np.eye(d)[0]}
-    sweep = steering_sweep(model, STATEMENTS, "blocks.0.hook_resid_post", dirs, [-2.0, 0.0, 2.0])
-    assert list(sweep.columns) == ["a", "b"] and list(sweep.index) == [-2.0, 0.0, 2.0]
-    assert (sweep.loc[0.0] == 0).all()
-    # the opposite direction at the opposite scale is the same intervention
-    assert sweep.loc[2.0, "a"] == pytest.approx(sweep.loc[-2.0, "b"], abs=1e-6)
 
 
 def test_causal_sweep_and_nie(tiny_bridges):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lib.models import ModelNotFoundError, hook_names, load_model, resolve_model, toy_model_names
+from lib.hooks import hook_names
+from lib.models import ModelNotFoundError, choose_dtype, load_model, resolve_model, toy_model_names
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
@@ -33,6 +34,16 @@ def test_transformer_lens_hook_names(arch, tiny_bridges):
     tokens = bridge.to_tokens(["a banana", "the shed"], prepend_bos=True)
     _, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n == "blocks.1.hook_resid_post")
     assert cache["blocks.1.hook_resid_post"].shape == (2, tokens.shape[1], bridge.cfg.d_model)
+
+
+def test_dtype_is_chosen_in_one_place(tiny_model_dirs):
+    assert choose_dtype("toy", "cuda") == choose_dtype("hub", "cpu") == torch.float32
+    assert choose_dtype("hub", "cuda") == choose_dtype("local", torch.device("cuda", 0)) == torch.bfloat16
+    assert choose_dtype("toy", "cuda", "float64") == torch.float64
+    assert choose_dtype("hub", "cuda", torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="dtype"):
+        choose_dtype("toy", "cpu", "float99")
+    assert next(load_model(tiny_model_dirs["gpt2"], device="cpu", dtype="float64").parameters()).dtype == torch.float64
 
 
 def test_unknown_name_fails_fast_and_names_toy_models():

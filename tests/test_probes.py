@@ -1,4 +1,5 @@
-"""Probes on synthetic data with known answers: directions, LDA vs DIM, CCS, generalization helpers."""
+"""Probes on synthetic data with known answers: directions, LDA vs DIM, the logistic solvers, CCS,
+the splitter, generalization helpers."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,15 +7,18 @@ import pandas as pd
 import pytest
 import torch
 
+import lib.probes as probes
 from lib.probes import (
     PROBES,
     CCSProbe,
     DiffMeanProbe,
     LDAProbe,
     LogisticProbe,
+    Split,
     center,
     diagonal_mean,
     generalization_matrix,
+    logistic_newton,
     offdiagonal_mean,
     pca,
     train_test_indices,
@@ -76,9 +80,53 @@ def test_logistic_matches_sklearn_and_accepts_torch():
 
     X, y = gaussian_classes(shift=3.0)
     p = LogisticProbe(C=0.5).fit(torch.tensor(X, dtype=torch.float32), torch.tensor(y))
-    ref = LogisticRegression(C=0.5, fit_intercept=False, max_iter=2000).fit(X.astype(np.float32), y)
-    assert cos(p.direction, ref.coef_[0]) > 0.999
+    ref = LogisticRegression(C=0.5, fit_intercept=False, tol=1e-10, max_iter=100_000).fit(X.astype(np.float32), y)
+    np.testing.assert_allclose(p.direction, ref.coef_[0], atol=1e-5, rtol=1e-5)
+    assert p.bias == 0.0 and p.n_iter_ < 40  # Newton by default at this width
     assert p.score(X, y) > 0.9 and p.predict(X).dtype == np.int64
+
+
+@pytest.mark.parametrize("separable", [False, True])
+@pytest.mark.parametrize("fit_bias", [False, True])
+def test_newton_solves_scikit_learns_problem(separable, fit_bias):
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    n, d = 600, 12
+    Z = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + 0.5  # correlated, off-centre columns
+    y = (Z @ rng.standard_normal(d) + (0 if separable else 2.0 * rng.standard_normal(n)) > 0.3).astype(float)
+    w, b, n_iter = logistic_newton(Z, y, C=0.5, fit_bias=fit_bias)
+    ref = LogisticRegression(C=0.5, fit_intercept=fit_bias, tol=1e-10, max_iter=100_000).fit(Z, y)
+    np.testing.assert_allclose(w, ref.coef_[0], atol=1e-4, rtol=1e-4)
+    assert b == pytest.approx(ref.intercept_[0] if fit_bias else 0.0, abs=1e-4)
+    assert n_iter < 40
+
+
+def test_solvers_agree_and_auto_switches_by_width(monkeypatch):
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((800, 10)) @ rng.standard_normal((10, 10)) + 3.0
+    y = (X[:, 0] + rng.standard_normal(800) > 3).astype(int)
+    fit = dict(C=1.0, fit_bias=True, standardize=True)
+    newton = LogisticProbe(solver="newton", **fit).fit(X[:600], y[:600])
+    lbfgs = LogisticProbe(solver="lbfgs", **fit).fit(X[:600], y[:600])
+    np.testing.assert_allclose(newton.direction, lbfgs.direction, atol=1e-3)
+    assert (newton.predict(X[600:]) == lbfgs.predict(X[600:])).all()
+    monkeypatch.setattr(probes, "NEWTON_MAX_DIM", 5)  # narrower than X: auto takes lbfgs
+    np.testing.assert_array_equal(LogisticProbe(**fit).fit(X[:600], y[:600]).direction, lbfgs.direction)
+    with pytest.raises(ValueError, match="solver"):
+        LogisticProbe(solver="sgd").fit(X, y)
+
+
+def test_standardised_probe_scores_in_the_original_coordinates():
+    """``direction``/``bias`` map the standardised fit back to X: X @ direction + bias is the score."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((500, 6)) * np.array([1.0, 10.0, 0.1, 1.0, 5.0, 1.0]) + 7.0
+    y = ((X[:, 1] - 7) / 10 + (X[:, 2] - 7) * 10 + rng.standard_normal(500) > 0).astype(int)
+    p = LogisticProbe(fit_bias=True, standardize=True).fit(X, y)
+    Z = (X - X.mean(0)) / X.std(0)
+    w, b, _ = logistic_newton(Z, y.astype(float), C=1.0)
+    np.testing.assert_array_equal(p.decision_function(X), Z @ w + b)  # the fit's own arithmetic
+    np.testing.assert_allclose(X @ p.direction + p.bias, Z @ w + b, atol=1e-9)
 
 
 def contrast_pairs(n=300, d=8, seed=0):
@@ -107,7 +155,7 @@ def test_ccs_finds_the_consistent_direction_and_is_oriented_by_labels():
 
 
 def test_fit_errors_are_explained():
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(ValueError, match="only one class"):
         DiffMeanProbe().fit(np.zeros((4, 2)), np.ones(4))
     with pytest.raises(ValueError, match="0/1"):
         LDAProbe().fit(np.zeros((4, 2)), np.array([0, 1, 2, 1]))
@@ -117,15 +165,26 @@ def test_fit_errors_are_explained():
         CCSProbe().fit(np.zeros((4, 2)), np.zeros((3, 2)))
 
 
-def test_train_test_indices_are_stratified_and_disjoint():
+def test_one_splitter_stratified_grouped_or_uniform():
     y = np.array([0] * 50 + [1] * 30)
-    tr, te = train_test_indices(y, 0.2, seed=0)
+    split = train_test_indices(y, 0.2, seed=0)
+    tr, te = split  # a Split unpacks as (train, test)
+    assert isinstance(split, Split) and split.train is tr and split.test is te
     assert len(np.intersect1d(tr, te)) == 0 and len(tr) + len(te) == 80
     assert (y[te] == 0).sum() == 10 and (y[te] == 1).sum() == 6
-    assert np.array_equal(te, train_test_indices(y, 0.2, seed=0)[1])
+    assert np.array_equal(te, train_test_indices(y, 0.2, seed=0).test)
     groups = np.repeat(np.arange(40), 2)  # 40 facts, two rows each
     tr, te = train_test_indices(y, 0.25, seed=1, groups=groups)
     assert len(te) == 20 and not set(groups[tr]) & set(groups[te])
+    assert np.array_equal(train_test_indices(80, 0.25, seed=1, groups=groups).test, te)  # labels play no part
+    # a row count alone: a uniformly random held-out quarter, sorted
+    plain = train_test_indices(80, 0.25, seed=3)
+    order = np.random.default_rng(3).permutation(80)
+    assert np.array_equal(plain.test, np.sort(order[:20])) and np.array_equal(plain.train, np.sort(order[20:]))
+    with pytest.raises(ValueError, match="overlap"):
+        Split(np.array([0, 1]), np.array([1, 2]))
+    with pytest.raises(ValueError, match="keys"):
+        train_test_indices(y, groups=groups[:10])
 
 
 def test_generalization_matrix_and_summaries():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.results import atomic_write_text, load_results, save_results
+from lib.results import atomic_output, atomic_write_text, load_results, save_results
 
 
 def test_save_results_cleans_and_rounds(isolated_root):
@@ -29,6 +29,19 @@ def test_atomic_write_has_ordinary_permissions_and_leaves_no_temp(tmp_path):
     os.umask(umask)
     assert mode == 0o666 & ~umask
     assert os.listdir(target.parent) == ["out.json"]
+
+
+def test_atomic_output_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
+    with atomic_output(target) as tmp:  # a binary writer that wants a file name
+        torch.save({"a": 1}, tmp)
+    assert torch.load(target)["a"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_missing_results_say_how_to_make_them(isolated_root):

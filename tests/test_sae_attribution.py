@@ -15,8 +15,11 @@ HOOK = "blocks.0.hook_resid_post"
 class LinearStub(nn.Module):
     """A 'model' whose logits are linear in the activation at its one hook: logits = act @ U.
 
-    Speaks the two TransformerBridge calls the attribution code uses (run_with_cache, run_with_hooks).
+    Speaks the TransformerBridge protocol the attribution code uses: ``hook_dict`` and
+    ``run_with_hooks`` (a hook function returns the new activation, or None to leave it).
     """
+
+    hook_dict = {HOOK: None}
 
     def __init__(self, vocab: int = 20, d: int = 8, seed: int = 0):
         super().__init__()
@@ -24,14 +27,11 @@ class LinearStub(nn.Module):
         self.E = nn.Parameter(torch.randn(vocab, d, generator=g))
         self.U = nn.Parameter(torch.randn(d, vocab, generator=g))
 
-    def run_with_cache(self, tokens, names_filter=None):
-        act = self.E[tokens]
-        return act @ self.U, {HOOK: act}
-
-    def run_with_hooks(self, tokens, fwd_hooks, return_type="logits"):
+    def run_with_hooks(self, tokens, fwd_hooks, return_type="logits", **kwargs):
         act = self.E[tokens]
         for _, fn in fwd_hooks:
-            act = fn(act)
+            new = fn(act, None)
+            act = act if new is None else new
         return act @ self.U
 
 
@@ -54,7 +54,7 @@ def neox_relu_problem(tiny_bridges):
     model = tiny_bridges["neox"]
     clean, corrupt = _tokens(300, seed=1)
     metric = logit_diff_metric(torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10]))
-    return build_problem(model, _sae("relu", 32, 64), HOOK, clean, corrupt, metric)
+    return build_problem(model, _sae("relu", 32, 64), clean, corrupt, metric)
 
 
 def test_exact_equals_single_path_ig_for_relu(neox_relu_problem):
@@ -85,7 +85,7 @@ def test_attribution_patching_is_exact_for_a_linear_metric():
     model = LinearStub()
     clean, corrupt = _tokens(20)
     metric = logit_diff_metric(torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8]))
-    prob = build_problem(model, _sae("relu", 8, 16), HOOK, clean, corrupt, metric)
+    prob = build_problem(model, _sae("relu", 8, 16), clean, corrupt, metric)
     res = compare_methods(prob, ks=(1, 4))
     assert len(res.nodes) > 3
     torch.testing.assert_close(res.attribution_patching, res.exact, rtol=1e-5, atol=1e-5)
@@ -104,8 +104,8 @@ def test_gradients_miss_a_jumprelu_jump_in_preactivation_space():
     metric = logit_diff_metric(torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8]))
     sae = _sae("jumprelu", 8, 16)
     th = 0.3
-    pre = build_problem(model, sae, HOOK, clean, corrupt, metric, space="pre")
-    lat = build_problem(model, sae, HOOK, clean, corrupt, metric, space="latent")
+    pre = build_problem(model, sae, clean, corrupt, metric, space="pre")
+    lat = build_problem(model, sae, clean, corrupt, metric, space="latent")
     nodes = active_nodes(pre)
     torch.testing.assert_close(exact_patching(pre, nodes), exact_patching(lat, nodes), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
@@ -140,11 +140,11 @@ def test_shapes_and_errors(tiny_bridges):
     clean, corrupt = _tokens(300)
     metric = logit_diff_metric(torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10]))
     with pytest.raises(ValueError, match="same shape"):
-        build_problem(model, _sae("relu", 32, 64), HOOK, clean, corrupt[:, :4], metric)
+        build_problem(model, _sae("relu", 32, 64), clean, corrupt[:, :4], metric)
     with pytest.raises(ValueError, match="elementwise"):
-        build_problem(model, _sae("topk", 32, 64), HOOK, clean, corrupt, metric, space="pre")
+        build_problem(model, _sae("topk", 32, 64), clean, corrupt, metric, space="pre")
     # patching only the last position leaves the other positions' values clean
     pos = torch.zeros(clean.shape, dtype=torch.bool)
     pos[:, -1] = True
-    prob = build_problem(model, _sae("relu", 32, 64), HOOK, clean, corrupt, metric, positions=pos)
+    prob = build_problem(model, _sae("relu", 32, 64), clean, corrupt, metric, positions=pos)
     assert bool((prob.delta[:, :-1] == 0).all())

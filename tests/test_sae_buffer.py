@@ -1,18 +1,12 @@
-"""lib.sae.buffer: tokenisation, which positions count, streaming and cached activation sources."""
+"""lib.sae.buffer: the shuffled training sources, fed by lib.activations.harvest."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lib.sae.buffer import (
-    ActivationBuffer,
-    BufferConfig,
-    TensorSource,
-    harvest_activations,
-    load_activations,
-    save_activations,
-    tokenize,
-)
+import lib.sae.buffer as buffer
+from lib.activations import harvest
+from lib.sae.buffer import ActivationBuffer, BufferConfig, TensorSource
 from tests.tiny_models import TEXT
 
 HOOK = "blocks.0.hook_resid_post"
@@ -25,41 +19,14 @@ def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
     return x[keys.argsort()]
 
 
-def test_tokenize_prepends_bos_pads_right_and_masks(tiny_bridges):
-    model = tiny_bridges["neox"]
-    tok = model.tokenizer
-    batch = tokenize(model, ["Alice went to the shed.", "Paris"], context_size=64)
-    ids0 = tok("Alice went to the shed.", add_special_tokens=False)["input_ids"]
-    ids1 = tok("Paris", add_special_tokens=False)["input_ids"]
-    assert batch.tokens[0, : len(ids0) + 1].tolist() == [tok.bos_token_id] + ids0
-    assert batch.tokens[1, : len(ids1) + 1].tolist() == [tok.bos_token_id] + ids1
-    assert (batch.tokens[1, len(ids1) + 1:] == tok.pad_token_id).all()
-    assert batch.attention_mask.sum(1).tolist() == [len(ids0) + 1, len(ids1) + 1]
-    counted = batch.counted_mask()
-    assert not counted[:, 0].any() and counted.sum() == len(ids0) + len(ids1)
-    assert batch.counted_mask(exclude_bos=False).sum() == len(ids0) + len(ids1) + 2
-    short = tokenize(model, ["Alice went to the shed."], context_size=4)
-    assert short.tokens.shape == (1, 4)
-    with pytest.raises(TypeError, match="list of texts"):
-        tokenize(model, "Alice", context_size=8)
-
-
-@pytest.mark.parametrize("arch", ["neox", "gpt2"])
-def test_harvest_excludes_pad_and_bos(tiny_bridges, arch):
-    model = tiny_bridges[arch]
-    acts = harvest_activations(model, TEXTS, [HOOK], context_size=32, prompts_per_forward=5)[HOOK]
-    batch = tokenize(model, TEXTS, 32)
-    assert len(acts) == batch.n_real - len(TEXTS)  # every real token but the BOS of each text
-    with_bos = harvest_activations(model, TEXTS, HOOK, context_size=32, exclude_bos=False)[HOOK]
-    assert len(with_bos) == len(acts) + len(TEXTS)
-    # one text at a time (no padding at all) gives the same activations
-    alone = torch.cat([harvest_activations(model, [t], HOOK, context_size=32)[HOOK] for t in TEXTS])
-    torch.testing.assert_close(acts, alone, atol=1e-5, rtol=1e-5)
+def counted(model, texts=TEXTS):
+    """Every real token but BOS of each text, cut to 32 tokens: what the buffer serves."""
+    return harvest(model, texts, HOOK, "all", exclude={"bos"}, context_size=32, cache=False)[HOOK]
 
 
 def test_buffer_serves_every_counted_activation_once_shuffled(tiny_bridges):
     model = tiny_bridges["neox"]
-    ref = harvest_activations(model, TEXTS, HOOK, context_size=32)[HOOK]
+    ref = counted(model)
     cfg = BufferConfig(hook_name=HOOK, context_size=32, batch_size=16, buffer_tokens=64,
                        prompts_per_forward=3, loop=False, seed=1)
     served = torch.cat(list(ActivationBuffer(model, TEXTS, cfg)))
@@ -99,25 +66,6 @@ def test_tensor_source_epochs_and_resume():
         TensorSource(acts, batch_size=50)
 
 
-def test_activation_cache_round_trip(tmp_path):
-    acts = {HOOK: torch.randn(30, 4), "blocks.1.hook_mlp_out": torch.randn(30, 4)}
-    path = save_activations(tmp_path / "acts.safetensors", acts, metadata={"model": "tiny"})
-    back = load_activations(path)
-    for k in acts:
-        torch.testing.assert_close(back[k], acts[k])
-    assert list(load_activations(path, [HOOK])) == [HOOK]
-    assert [p.name for p in tmp_path.iterdir()] == ["acts.safetensors"]  # no temporary left behind
-    with pytest.raises(FileNotFoundError, match="harvest_activations"):
-        load_activations(tmp_path / "missing.safetensors")
-
-
-def test_a_truncated_activation_file_is_named(tmp_path):
-    path = save_activations(tmp_path / "acts.safetensors", {HOOK: torch.randn(30, 4)})
-    path.write_bytes(path.read_bytes()[:50])
-    with pytest.raises(ValueError, match="acts.safetensors is not a readable safetensors file"):
-        load_activations(path)
-
-
 def test_sources_fingerprint_what_they_serve(tiny_bridges):
     acts = torch.randn(20, 3)
     fp = TensorSource(acts, 5, seed=0).fingerprint()
@@ -134,3 +82,22 @@ def test_sources_fingerprint_what_they_serve(tiny_bridges):
     assert ActivationBuffer(model, TEXTS[:-1], cfg).fingerprint() != fp
     assert ActivationBuffer(model, TEXTS, BufferConfig(hook_name=HOOK, context_size=16, batch_size=8,
                                                        buffer_tokens=32)).fingerprint() != fp
+
+
+def test_buffer_reads_through_harvest(tiny_bridges, monkeypatch):
+    """The buffer has no model-running code of its own: every activation it serves was harvested."""
+    model = tiny_bridges["gpt2"]
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return harvest(*args, **kwargs)
+
+    monkeypatch.setattr(buffer, "harvest", spy)
+    cfg = BufferConfig(hook_name=HOOK, context_size=32, batch_size=4, buffer_tokens=16, prompts_per_forward=5, loop=False)
+    served = torch.cat(list(ActivationBuffer(model, TEXTS, cfg)))
+    assert len(calls) == 3 and all(c["exclude"] == ("bos",) and c["context_size"] == 32 for c in calls)
+    ref = counted(model)
+    assert len(ref) - len(served) < 4
+    with_bos = BufferConfig(hook_name=HOOK, context_size=32, batch_size=1, buffer_tokens=16, exclude=(), loop=False)
+    assert len(list(ActivationBuffer(model, TEXTS, with_bos))) == len(ref) + len(TEXTS)

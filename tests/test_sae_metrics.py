@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lib.sae.base import SAEConfig, make_sae
-from lib.sae.buffer import harvest_activations, tokenize
+from lib.activations import harvest, tokenize
 from lib.sae.metrics import CONVENTIONS, ReconStats, collect, compare_conventions, evaluate, splice_check
 from lib.sae.splice import run_spliced, splice_hook, tensor_replacement, zero_replacement
 from tests.tiny_models import TEXT
@@ -35,13 +35,13 @@ def random_sae(d: int, seed: int = 0):
 
 def test_identity_sae_known_answers(tiny_bridges):
     model = tiny_bridges["neox"]
-    r = evaluate(identity_sae(32), model, HOOK, TEXTS, batch_size=3)
+    r = evaluate(identity_sae(32), model, TEXTS, batch_size=3)
     assert r["mse"] < 1e-10 and abs(r["var_explained"] - 1) < 1e-9
     assert abs(r["ce_spliced"] - r["ce_clean"]) < 1e-5 and abs(r["loss_recovered"] - 1) < 1e-3
     batch = tokenize(model, TEXTS, 128)
     assert r["n_tokens"] == batch.n_real - len(TEXTS)  # pads and BOS never counted
     assert r["n_ce_tokens"] == batch.n_real - len(TEXTS)  # every real token but BOS is a target
-    acts = harvest_activations(model, TEXTS, HOOK)[HOOK].double()
+    acts = harvest(model, TEXTS, HOOK, "all", exclude={"bos"}, cache=False)[HOOK].double()
     assert abs(r["l1"] - float(acts.abs().sum(-1).mean())) < 1e-4
     assert abs(r["l0"] - float((acts != 0).sum(-1).double().mean())) < 1e-12
 
@@ -51,7 +51,7 @@ def test_zero_sae_recovers_nothing(tiny_bridges):
     sae = identity_sae(32)
     with torch.no_grad():
         sae.W_dec.zero_()
-    r = evaluate(sae, model, HOOK, TEXTS)
+    r = evaluate(sae, model, TEXTS)
     assert abs(r["ce_spliced"] - r["ce_zero_ablated"]) < 1e-9 and abs(r["loss_recovered"]) < 1e-6
 
 
@@ -59,8 +59,8 @@ def test_zero_sae_recovers_nothing(tiny_bridges):
 def test_metrics_match_independent_computation(tiny_bridges, arch):
     model = tiny_bridges[arch]
     sae = random_sae(32)
-    r = evaluate(sae, model, HOOK, TEXTS, batch_size=4)
-    x = harvest_activations(model, TEXTS, HOOK)[HOOK].double()
+    r = evaluate(sae, model, TEXTS, batch_size=4)
+    x = harvest(model, TEXTS, HOOK, "all", exclude={"bos"}, cache=False)[HOOK].double()
     with torch.no_grad():
         x_hat, f = sae(x.float(), output_features=True)
     x_hat, f = x_hat.double(), f.double()
@@ -79,25 +79,25 @@ def test_padding_is_never_counted(tiny_bridges):
     """The same texts padded to 128 positions give the same numbers as padded to the longest text."""
     model = tiny_bridges["neox"]
     sae = random_sae(32)
-    tight = evaluate(sae, model, HOOK, tokenize(model, TEXTS, 64))
-    wide = evaluate(sae, model, HOOK, tokenize(model, TEXTS, 64, pad_to=64))
+    tight = evaluate(sae, model, tokenize(model, TEXTS, 64))
+    wide = evaluate(sae, model, tokenize(model, TEXTS, 64, pad_to=64))
     for k in tight:
         assert wide[k] == pytest.approx(tight[k], rel=1e-5, abs=1e-7), k
     # a bare token tensor: padding found from the (distinct) pad id
     b = tokenize(model, TEXTS, 64, pad_to=64)
-    bare = evaluate(sae, model, HOOK, b.tokens)
+    bare = evaluate(sae, model, b.tokens)
     assert bare["n_tokens"] == tight["n_tokens"]
 
 
 def test_conventions_table(tiny_bridges):
     model = tiny_bridges["neox"]
     sae = random_sae(32)
-    table = compare_conventions(sae, model, HOOK, TEXTS)
+    table = compare_conventions(sae, model, TEXTS)
     assert list(table.columns) == list(CONVENTIONS)
     ours, now, old = table["ours"], table["saelens_now"], table["saelens_old"]
     assert now["var_explained"] == pytest.approx(ours["var_explained"])  # no EOS in these texts
     assert now["mse"] == pytest.approx(ours["mse"])
-    stats = collect(sae, model, HOOK, TEXTS, conventions=CONVENTIONS, batch_size=16)
+    stats = collect(sae, model, TEXTS, conventions=CONVENTIONS, batch_size=16)
     per_batch_tokens = stats.recon["saelens"].per_batch[0][0]
     assert old["mse"] == pytest.approx(now["mse"] / per_batch_tokens)  # one eval batch here
     assert old["var_explained"] > now["var_explained"]  # variance about zero is larger
@@ -122,23 +122,27 @@ def test_recon_stats_formulas_on_known_data():
 
 def test_splice_identity_reproduces_clean_ce_exactly(tiny_bridges):
     for arch in ("neox", "gpt2", "llama"):
-        r = splice_check(tiny_bridges[arch], HOOK, TEXTS)
+        r = splice_check(tiny_bridges[arch], TEXTS, hook=HOOK)
         assert r["ce_spliced"] == r["ce_clean"] and r["max_abs_logit_diff"] == 0.0
 
 
 def test_splice_touches_only_the_given_positions(tiny_bridges):
     model = tiny_bridges["neox"]
     b = tokenize(model, TEXTS[:3], 64)
-    clean = run_spliced(model, b.tokens, HOOK, None)
+    clean = run_spliced(model, b.tokens, None)
     positions = torch.zeros_like(b.attention_mask)
     positions[:, 5] = True
-    ablated = run_spliced(model, b.tokens, HOOK, zero_replacement, positions)
+    ablated = run_spliced(model, b.tokens, zero_replacement, positions, hook=HOOK)
     assert torch.equal(ablated[:, :5], clean[:, :5])  # causal: earlier positions unchanged
     assert not torch.allclose(ablated[:, 5], clean[:, 5])
     with pytest.raises(ValueError, match="do not match"):
-        run_spliced(model, b.tokens, HOOK, tensor_replacement(torch.zeros(1, 2, 32)))
+        run_spliced(model, b.tokens, tensor_replacement(torch.zeros(1, 2, 32)), hook=HOOK)
     with pytest.raises(KeyError, match="hook_names"):
-        run_spliced(model, b.tokens, "blocks.9.hook_nothing", zero_replacement)
+        run_spliced(model, b.tokens, zero_replacement, hook="blocks.9.hook_nothing")
+    with pytest.raises(ValueError, match="no hook"):
+        run_spliced(model, b.tokens, zero_replacement)  # a bare function names no hook
+    sae = identity_sae(32)  # an SAE splices at its own hook
+    torch.testing.assert_close(run_spliced(model, b.tokens, sae), run_spliced(model, b.tokens, sae, hook=HOOK))
     hook = splice_hook(zero_replacement, positions[:, :3])
     with pytest.raises(ValueError, match="positions"):
         hook(torch.zeros(3, 8, 32))

@@ -6,7 +6,7 @@ import torch
 
 from lib.sae import pitfalls
 from lib.sae.base import SAEConfig, make_sae
-from lib.sae.buffer import tokenize
+from lib.activations import tokenize
 from lib.sae.metrics import collect, evaluate
 from lib.sae.trainer import TrainConfig
 from tests.tiny_models import TEXT
@@ -31,7 +31,7 @@ def test_variable_length_texts_are_sentence_prefixes():
 
 
 def test_reconstruction_pairs(tiny_bridges):
-    stats = collect(_sae(), tiny_bridges["neox"], HOOK, DOCS)
+    stats = collect(_sae(), tiny_bridges["neox"], DOCS)
     pairs = pitfalls.reconstruction_pairs(stats)
     assert pairs["a_mse_mean_vs_sum"]["ratio"] == pytest.approx(32)
     assert pairs["b_variance_without_mean"]["right"] == pytest.approx(stats.metrics()["var_explained"])
@@ -40,8 +40,8 @@ def test_reconstruction_pairs(tiny_bridges):
 def test_padding_in_ce_right_matches_evaluate(tiny_bridges):
     model = tiny_bridges["neox"]
     batch = tokenize(model, pitfalls.variable_length_texts(DOCS, seed=1), 64, pad_to=64)
-    out = pitfalls.padding_in_ce(_sae(), model, HOOK, batch)
-    ours = evaluate(_sae(), model, HOOK, batch)
+    out = pitfalls.padding_in_ce(_sae(), model, batch)
+    ours = evaluate(_sae(), model, batch)
     assert out["right"]["ce_spliced"] == pytest.approx(ours["ce_spliced"])
     assert out["right"]["loss_recovered"] == pytest.approx(ours["loss_recovered"])
     assert out["wrong"]["n_ce_tokens"] == len(batch) * 63 and 0.2 < out["pad_fraction"] < 1
@@ -50,9 +50,9 @@ def test_padding_in_ce_right_matches_evaluate(tiny_bridges):
 def test_context_length_rows_split_by_position(tiny_bridges):
     model = tiny_bridges["gpt2"]
     batch = tokenize(model, DOCS, 48)
-    rows = pitfalls.context_length_rows(_sae(), model, HOOK, batch, split=16, label="tiny")
+    rows = pitfalls.context_length_rows(_sae(), model, batch, split=16, label="tiny")
     assert [r["positions"] for r in rows] == ["< 16", ">= 16"]
-    short = evaluate(_sae(), model, HOOK, tokenize(model, DOCS, 16))
+    short = evaluate(_sae(), model, tokenize(model, DOCS, 16))
     assert rows[0]["mse"] == pytest.approx(short["mse"], rel=1e-5)  # causal: early positions are unchanged
 
 

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from lib import datasets, xor
+from lib.probes import train_test_indices
 from lib.toys import xor_clusters as xc
 
 
 # --- splits and probes -------------------------------------------------------------------------
 def test_grouped_split_never_straddles_a_group():
     frame = pd.DataFrame({"g": np.repeat(np.arange(100), 3)})
-    sp = xor.split_rows(frame, groups=frame["g"], test_fraction=0.2, seed=1)
+    sp = train_test_indices(len(frame), 0.2, seed=1, groups=frame["g"])
     assert len(sp.train) + len(sp.test) == len(frame)
     assert set(frame["g"].iloc[sp.train]).isdisjoint(frame["g"].iloc[sp.test])
     assert len(set(frame["g"].iloc[sp.test])) == 20
-    plain = xor.split_rows(frame, test_fraction=0.25, seed=0)
+    plain = train_test_indices(len(frame), 0.25, seed=0)
     assert len(plain.test) == 75 and len(np.intersect1d(plain.train, plain.test)) == 0
 
 
@@ -28,7 +29,7 @@ def test_probe_reads_a_linear_feature_and_not_noise():
     X = rng.standard_normal((n, d))
     X[:, 3] += 3.0 * y  # readable along one axis
     frame = pd.DataFrame({"y": y, "noise": rng.integers(0, 2, n)})
-    sp = xor.split_rows(frame, seed=0)
+    sp = train_test_indices(len(frame), seed=0)
     assert xor.probe_accuracy(X, frame["y"], sp) > 0.9
     lo, hi = xor.chance_band(len(sp.test), z=4)
     assert lo < xor.probe_accuracy(X, frame["noise"], sp) < hi
@@ -37,34 +38,19 @@ def test_probe_reads_a_linear_feature_and_not_noise():
     assert table["y"].min() > 0.9
 
 
-@pytest.mark.parametrize("separable", [False, True])
-def test_newton_probe_solves_scikit_learns_problem(separable):
-    from sklearn.linear_model import LogisticRegression
-
-    rng = np.random.default_rng(1)
-    n, d = 600, 12
-    Z = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))  # correlated columns
-    y = (Z @ rng.standard_normal(d) + (0 if separable else 2.0 * rng.standard_normal(n)) > 0.3).astype(float)
-    w, b, n_iter = xor.logistic_newton(Z, y, C=0.5)
-    ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=100_000).fit(Z, y)
-    np.testing.assert_allclose(w, ref.coef_[0], atol=1e-4, rtol=1e-4)
-    assert b == pytest.approx(ref.intercept_[0], abs=1e-4)
-    assert n_iter < 40
-
-
 def test_probe_refuses_one_class_training_rows():
     X = np.zeros((10, 2))
     with pytest.raises(ValueError, match="one class"):
-        xor.fit_probe(X, np.ones(10, dtype=int), np.arange(10))
+        xor.xor_probe().fit(X, np.ones(10, dtype=int))
     with pytest.raises(ValueError, match="0/1"):
-        xor.fit_probe(X, np.arange(10), np.arange(10))
+        xor.probe_accuracy(X, np.arange(10), train_test_indices(10))
 
 
 def test_chance_band_and_majority_baseline():
     lo, hi = xor.chance_band(2500, z=3)
     assert (lo, hi) == pytest.approx((0.47, 0.53))
     frame = pd.DataFrame({"f": [0, 1] * 50})
-    sp = xor.split_rows(frame, seed=0)
+    sp = train_test_indices(len(frame), seed=0)
     base = xor.majority_baseline(frame, ["f"], sp)
     y = frame["f"].to_numpy()
     majority = int(y[sp.train].mean() >= 0.5)
@@ -81,10 +67,20 @@ def test_constant_b_generalization_fails_when_the_xor_is_salient():
     for c, failing in ((0.0, False), (2.0, True)):
         data = xc.gaussian_clusters(6000, sigma=0.3, xor_strength=c, seed=3)
         frame = pd.DataFrame({"a": data.a, "b": data.b})
-        r = xor.constant_b_generalization(data.X, frame["a"], frame["b"], xor.split_rows(frame, seed=0))
+        r = xor.constant_b_generalization(data.X, frame["a"], frame["b"], train_test_indices(len(frame), seed=0))
         assert r["b_varied_train"] > 0.9 and r["b_constant_train_same_b"] > 0.9
         assert (r["b_constant_train"] < 0.2) if failing else (r["b_constant_train"] > 0.9)
         assert r["n_train"] == pytest.approx(0.4 * len(frame), rel=0.05)
+
+
+def test_figures_one_panel_per_scenario_and_one_bar_group_per_row():
+    scenarios = {"plain": xc.gaussian_clusters(400, seed=0), "XOR dir": xc.gaussian_clusters(400, xor_strength=1.0, seed=0)}
+    fig = xor.synthetic_scatter(scenarios)
+    assert len(fig.data) == 4 and fig.layout.xaxis2.title.text == "x1 - x2"  # two classes in each of two panels
+    rows = pd.DataFrame({"dataset": ["xor", "cities"], "a": ["t", "label"], "b": ["b", "alice"],
+                         "b_constant_train_same_b": [0.9, 0.8], "b_constant_train": [0.2, 0.7], "b_varied_train": [0.9, 0.8]})
+    bars = xor.generalization_bars(rows, "title")
+    assert [t.name for t in bars.data] == list(xor.GENERALIZATION_BARS.values()) and len(bars.data[0].x) == 2
 
 
 def test_heatmaps_one_panel_per_table():
@@ -122,8 +118,7 @@ def test_uniform_square_breaks_and_but_keeps_a_and_b():
 
 
 def test_synthetic_constant_b_margin_is_one_minus_c_squared():
-    below, at, above = (xc.constant_b_generalization(xor_strength=c, sigma=0.3, n=3000)["b_constant_train"]
-                        for c in (0.5, 1.0, 1.5))
+    below, at, above = (xor.synthetic_constant_b(c, sigma=0.3, n=3000)["b_constant_train"] for c in (0.5, 1.0, 1.5))
     assert below > 0.8 and 0.35 < at < 0.65 and above < 0.2
 
 
@@ -212,13 +207,18 @@ def test_city_xor_datasets_by_name_and_on_disk(tmp_path):
         assert (" is not in " in frame["statement"].iloc[0]) == name.startswith("neg_")
     with pytest.raises(KeyError, match="cities_alice"):
         datasets.make_city_xor_dataset("cities_bob")
-    out = datasets.generate_city_xor_datasets(tmp_path)
-    assert sorted(p.stem for p in out.glob("*.csv")) == sorted(datasets.CITY_XOR_DATASETS)
-    back = datasets.read_truth_csv(out / "neg_cities_distractor.csv")  # valid truth-dataset CSVs
-    pd.testing.assert_series_equal(back["label"], datasets.make_city_xor_dataset("neg_cities_distractor")["label"])
-    stamp = (out / "cities_alice.csv").stat().st_mtime_ns
-    datasets.generate_city_xor_datasets(tmp_path)
-    assert (out / "cities_alice.csv").stat().st_mtime_ns == stamp  # unchanged content is not rewritten
+    sampled = pd.DataFrame({"statement": ["a true banana", "b false shed"], "label": [1, 0]})
+    frames = datasets.generate_xor_datasets(tmp_path, xor_frame=sampled, model_name="toy/1l")
+    assert sorted(p.stem for p in tmp_path.glob("*.csv")) == sorted([*datasets.CITY_XOR_DATASETS, "xor_toy_1l"])
+    assert list(frames) == [*datasets.CITY_XOR_DATASETS, "xor"]
+    back = datasets.read_truth_csv(tmp_path / "neg_cities_distractor.csv")  # valid truth-dataset CSVs
+    pd.testing.assert_series_equal(back["label"], frames["neg_cities_distractor"]["label"])
+    pd.testing.assert_frame_equal(datasets.read_truth_csv(tmp_path / "xor_toy_1l.csv"), sampled)
+    stamp = (tmp_path / "cities_alice.csv").stat().st_mtime_ns
+    datasets.generate_xor_datasets(tmp_path)
+    assert (tmp_path / "cities_alice.csv").stat().st_mtime_ns == stamp  # unchanged content is not rewritten
+    with pytest.raises(ValueError, match="model_name"):
+        datasets.generate_xor_datasets(tmp_path, xor_frame=sampled)
 
 
 def test_networks_yields_trained_then_the_two_resets(toy1):
@@ -232,17 +232,3 @@ def test_networks_yields_trained_then_the_two_resets(toy1):
     assert list(seen) == list(xor.NETWORKS)
     a, b, c = seen.values()
     assert not torch.allclose(a, b) and not torch.allclose(a, c) and not torch.allclose(b, c)
-
-
-def test_fit_probe_solvers_agree_and_auto_switches_by_width(monkeypatch):
-    rng = np.random.default_rng(4)
-    X = rng.standard_normal((800, 10)) @ rng.standard_normal((10, 10))
-    y = (X[:, 0] + rng.standard_normal(800) > 0).astype(int)
-    train = np.arange(600)
-    newton, lbfgs = xor.fit_probe(X, y, train, solver="newton"), xor.fit_probe(X, y, train, solver="lbfgs")
-    np.testing.assert_allclose(newton.w, lbfgs.w, atol=1e-3)
-    assert (newton.predict(X[600:]) == lbfgs.predict(X[600:])).all()
-    monkeypatch.setattr(xor, "NEWTON_MAX_DIM", 5)  # narrower than X: auto takes lbfgs
-    np.testing.assert_array_equal(xor.fit_probe(X, y, train).w, lbfgs.w)
-    with pytest.raises(ValueError, match="solver"):
-        xor.fit_probe(X, y, train, solver="sgd")

@@ -30,6 +30,9 @@ from typing import Callable
 
 import torch
 
+from lib.activations import batch_activations
+from lib.sae.splice import replacement_hook
+
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [N, pos, vocab] -> [N]
 
 ELEMENTWISE = ("relu", "jumprelu")
@@ -96,9 +99,11 @@ class PatchingProblem:
 
 
 @torch.no_grad()
-def build_problem(model, sae, hook: str, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor,
-                  metric: Metric, positions: torch.Tensor | None = None, space: str = "latent") -> PatchingProblem:
-    """Cache clean and corrupted activations at ``hook`` and set up the patching problem."""
+def build_problem(model, sae, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor, metric: Metric,
+                  positions: torch.Tensor | None = None, space: str = "latent", *,
+                  hook: str | None = None) -> PatchingProblem:
+    """Read clean and corrupted activations at the SAE's hook (or ``hook``) and set up the patching problem."""
+    hook = replacement_hook(sae, hook)
     if clean_tokens.shape != corrupt_tokens.shape:
         raise ValueError(f"clean {tuple(clean_tokens.shape)} and corrupted {tuple(corrupt_tokens.shape)} prompts "
                          "must have the same shape (pick pairs with the same token count)")
@@ -113,10 +118,8 @@ def build_problem(model, sae, hook: str, clean_tokens: torch.Tensor, corrupt_tok
         positions = torch.ones(clean_tokens.shape, dtype=torch.bool)
     positions = positions.to(device)
     p = next(sae.parameters())
-    acts = {}
-    for name, toks in (("clean", clean_tokens), ("corrupt", corrupt_tokens)):
-        _, cache = model.run_with_cache(toks, names_filter=[hook])
-        acts[name] = cache[hook].to(p.device, p.dtype)
+    acts = {name: batch_activations(model, toks, hook)[hook].to(p.device, p.dtype)
+            for name, toks in (("clean", clean_tokens), ("corrupt", corrupt_tokens))}
     a = acts["clean"]
     err = a - sae(a)
 
@@ -176,7 +179,6 @@ def integrated_gradients(prob: PatchingProblem, nodes: torch.Tensor, k: int, pat
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     alphas = (torch.arange(k, dtype=prob.v_clean.dtype, device=prob.v_clean.device) + 0.5) / k
-    B = prob.v_clean.shape[0]
     if path == "joint":
         out = torch.zeros(len(nodes), dtype=prob.v_clean.dtype, device=prob.v_clean.device)
         for i in range(0, k, chunk):
@@ -232,3 +234,73 @@ def metric_along_path(prob: PatchingProblem, node: int, n_points: int = 101) -> 
         v = prob.v_clean[None] + a[:, None, None, None] * D[None]
         vals.append(prob.metric_at(v.reshape((-1,) + prob.v_clean.shape[1:])))
     return alphas, torch.cat(vals)
+
+
+# --------------------------------------------------------------------------------------------
+# notebook 06's task and report
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PatchingTask:
+    """Clean / corrupted prompt pairs with the metric that compares their answers."""
+
+    clean: torch.Tensor  # [B, P]
+    corrupt: torch.Tensor  # [B, P]
+    metric: Metric
+    pairs: list  # (clean city, corrupted city) per row
+
+
+def country_patching_task(model, n_pairs: int, seed: int = 0) -> PatchingTask:
+    """Pairs "The city of A is in" / "The city of B is in" (A, B in different countries, every
+    prompt the same number of tokens), metric ``logit(country of A) - logit(country of B)``.
+
+    Cities are those whose country is one token; the prompt length is the most common one among
+    them, so no prompt needs padding.
+    """
+    import random
+
+    from lib.activations import tokenize
+    from lib.world import facts
+
+    tok = model.tokenizer
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(city) -> str:
+        return f"The city of {city.name} is in"
+
+    by_len: dict[int, list] = {}
+    for c in facts.cities():
+        if len(ids(" " + c.country)) == 1:
+            by_len.setdefault(len(ids(prompt(c))), []).append(c)
+    pool = max(by_len.values(), key=len)
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < n_pairs:
+        a, b = rng.sample(pool, 2)
+        if a.country != b.country:
+            pairs.append((a, b))
+    clean = tokenize(model, [prompt(a) for a, _ in pairs], 32).tokens
+    corrupt = tokenize(model, [prompt(b) for _, b in pairs], 32).tokens
+    metric = logit_diff_metric(torch.tensor([ids(" " + a.country)[0] for a, _ in pairs]),
+                               torch.tensor([ids(" " + b.country)[0] for _, b in pairs]))
+    return PatchingTask(clean, corrupt, metric, pairs)
+
+
+def attribution_report(prob: PatchingProblem, ks, single_ks, n_top: int) -> tuple[AttributionResult, dict]:
+    """Every method against exact patching on ``prob`` (:func:`compare_methods`, joint IG paths),
+    and single-latent IG on the ``n_top`` latents with the largest exact effects.
+
+    Returns the result and ``{"n_latents", "attribution_patching": errors, "ig": {k: errors},
+    "top_latents": {"attribution_patching": errors, "ig_single_path": {k: errors}}}`` with
+    ``errors`` as :meth:`AttributionResult.errors`.
+    """
+    res = compare_methods(prob, ks=ks, path="joint")
+    top = res.exact.abs().argsort(descending=True)[:n_top]
+    sub = AttributionResult(nodes=res.nodes[top], exact=res.exact[top], attribution_patching=res.attribution_patching[top])
+    report = {"n_latents": len(res.nodes), "attribution_patching": res.errors(res.attribution_patching),
+              "ig": {k: res.errors(v) for k, v in res.ig.items()},
+              "top_latents": {"attribution_patching": sub.errors(sub.attribution_patching),
+                              "ig_single_path": {k: sub.errors(integrated_gradients(prob, sub.nodes, k, path="single", chunk=64))
+                                                 for k in single_ks}}}
+    return res, report

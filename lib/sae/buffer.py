@@ -1,171 +1,25 @@
-"""Activations for SAE training: tokenise texts, run the model, keep the tokens that count, shuffle.
+"""Shuffled activations for SAE training: from a harvested tensor, or streamed from a model.
 
-Three pieces, each usable alone:
+- :class:`TensorSource`: ``[batch_size, d]`` batches drawn without replacement from an
+  in-memory tensor (what :func:`lib.activations.harvest` returns), epoch after epoch: cheap when
+  several SAEs train on the same hook.
+- :class:`ActivationBuffer`: streams activations at one hook from a model over a list of texts,
+  reading them with :func:`lib.activations.harvest` (``position="all"``, BOS excluded, padding
+  never read) and refilling a shuffled buffer as it drains (dictionary_learning's buffer, in
+  TransformerLens hook names).
 
-- :func:`tokenize`: texts -> a right-padded :class:`TokenBatch` (tokens + attention mask), BOS
-  prepended explicitly (never left to ``to_tokens``' per-model default).
-- :class:`ActivationBuffer`: streams shuffled ``[batch_size, d_in]`` activations at one hook from
-  a model over a list of texts, refilling a buffer of ``buffer_tokens`` activations as it drains
-  (dictionary_learning's buffer, in TransformerLens hook names).
-- :func:`harvest_activations` + :func:`save_activations` / :func:`load_activations` +
-  :class:`TensorSource`: the same activations for several hooks in one pass, cached on disk as
-  safetensors, served shuffled from memory (cheap when several SAEs train on the same hook).
-
-Which positions count is decided once, by :meth:`TokenBatch.counted_mask`: padding never, the BOS
-position only with ``exclude_bos=False``.  Pads are found from the attention mask, not from token
-ids, so a tokenizer whose pad token is its BOS token (GPT-2) is handled too.
+Both are deterministic in their seed and resume exactly from ``state_dict``.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import re
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from lib.utils import as_names, progress, require_texts
-
-
-@dataclass
-class TokenBatch:
-    """Right-padded token ids with their attention mask.
-
-    tokens: [n, pos] int64; attention_mask: [n, pos] bool (True on real tokens, BOS included);
-    has_bos: whether position 0 of every row is a prepended BOS.
-    """
-
-    tokens: torch.Tensor
-    attention_mask: torch.Tensor
-    has_bos: bool
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def __getitem__(self, idx) -> "TokenBatch":
-        return TokenBatch(self.tokens[idx], self.attention_mask[idx], self.has_bos)
-
-    def counted_mask(self, exclude_bos: bool = True, exclude_pad: bool = True) -> torch.Tensor:
-        """[n, pos] bool: the positions whose activations are used (training, metrics)."""
-        mask = self.attention_mask.clone() if exclude_pad else torch.ones_like(self.attention_mask)
-        if exclude_bos and self.has_bos:
-            mask[:, 0] = False
-        return mask
-
-    @property
-    def n_real(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def _tokenizer(model_or_tokenizer):
-    return getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
-
-
-def tokenize(model_or_tokenizer, texts: Sequence[str], context_size: int, prepend_bos: bool = True,
-             pad_to: int | None = None) -> TokenBatch:
-    """Tokenise ``texts`` into one right-padded batch of at most ``context_size`` tokens per row.
-
-    Each row is ``[BOS] + first tokens of the text`` (BOS only with ``prepend_bos``), truncated to
-    ``context_size`` and padded with the tokenizer's pad token up to the longest row (or ``pad_to``).
-    """
-    tok = _tokenizer(model_or_tokenizer)
-    if isinstance(texts, str):
-        raise TypeError("tokenize expects a list of texts, got a single string; wrap it in a list")
-    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
-    prefix: list[int] = []
-    if prepend_bos:
-        if tok.bos_token_id is None:
-            raise ValueError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False")
-        prefix = [tok.bos_token_id]
-    rows = [(prefix + list(x))[:context_size] for x in ids]
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("an empty text with prepend_bos=False gives an empty row; drop empty texts")
-    width = max(pad_to or 0, max(len(r) for r in rows))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = True
-    return TokenBatch(tokens, mask, has_bos=prepend_bos)
-
-
-def hook_layer(hook_name: str) -> int | None:
-    """The block index in ``blocks.{l}.…`` (None for hooks outside the blocks)."""
-    m = re.match(r"blocks\.(\d+)\.", hook_name)
-    return int(m.group(1)) if m else None
-
-
-@torch.no_grad()
-def run_hooks(model, batch: TokenBatch, hooks: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Activations [n, pos, d] at ``hooks`` for one token batch (stops after the last block needed)."""
-    hooks = as_names(hooks, "hooks")
-    missing = [h for h in hooks if h not in model.hook_dict]
-    if missing:
-        raise KeyError(f"hook(s) {missing} not in the model; see lib.models.hook_names(model)")
-    layers = [hook_layer(h) for h in hooks]
-    stop = None if any(l is None for l in layers) else max(layers) + 1
-    device = next(model.parameters()).device
-    _, cache = model.run_with_cache(batch.tokens.to(device), names_filter=list(hooks), stop_at_layer=stop)
-    return {h: cache[h].float() for h in hooks}
-
-
-@torch.no_grad()
-def harvest_activations(model, texts: Sequence[str], hooks: Sequence[str] | str, context_size: int = 128,
-                        prompts_per_forward: int = 32, prepend_bos: bool = True, exclude_bos: bool = True,
-                        exclude_pad: bool = True, desc: str = "activations") -> dict[str, torch.Tensor]:
-    """``{hook: [n_tokens, d]}`` for every counted token of ``texts`` (in text order, CPU float32)."""
-    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
-    out: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    for i in progress(range(0, len(texts), prompts_per_forward), desc=desc):
-        batch = tokenize(model, texts[i: i + prompts_per_forward], context_size, prepend_bos)
-        keep = batch.counted_mask(exclude_bos, exclude_pad)
-        acts = run_hooks(model, batch, hooks)
-        for h in hooks:
-            out[h].append(acts[h][keep.to(acts[h].device)].cpu())
-    return {h: torch.cat(v) for h, v in out.items()}
-
-
-def save_activations(path: str | os.PathLike, acts: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    """Write ``{hook: [n, d]}`` to a safetensors file through a temporary file and a rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in acts.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def load_activations(path: str | os.PathLike, hooks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_activations` (all hooks, or only ``hooks``)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No activation cache at {path}; build it with harvest_activations + save_activations")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; load_activations reads one .safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys()) if hooks is None else as_names(hooks, "hooks")
-            missing = [h for h in names if h not in f.keys()]
-            if missing:
-                raise KeyError(f"{path} has no activations for {missing}; it has {list(f.keys())}")
-            return {h: f.get_tensor(h) for h in names}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or of another "
-                         "format. Delete it and harvest again (harvest_activations + save_activations).") from err
+from lib.activations import harvest
+from lib.utils import require_texts
 
 
 class TensorSource:
@@ -227,19 +81,18 @@ class BufferConfig:
     buffer_tokens: int = 65_536  # activations held and shuffled together
     prompts_per_forward: int = 32  # texts per model forward pass
     prepend_bos: bool = True
-    exclude_bos: bool = True  # drop the BOS position's activation (a large-norm outlier)
-    exclude_pad: bool = True  # drop padding positions' activations
+    exclude: tuple[str, ...] = ("bos",)  # the BOS position's activation is a large-norm outlier
     loop: bool = True  # start over at the first text when the texts run out
     seed: int = 0
 
 
 class ActivationBuffer:
-    """Stream shuffled activations at ``cfg.hook_name`` from ``model`` run over ``texts``.
+    """Stream shuffled activations at ``cfg.hook_name`` from ``model`` run over ``texts`` (via :func:`harvest`).
 
-    Holds up to ``cfg.buffer_tokens`` activations; when fewer than half remain it runs the model
-    on more texts, appends, and reshuffles, so each batch mixes tokens from many contexts.
-    Deterministic in ``cfg.seed``.  ``state_dict`` records how many batches were served;
-    ``load_state_dict`` replays that many (re-running the model) to resume exactly.
+    Holds up to ``cfg.buffer_tokens`` activations; when fewer than half remain it harvests the
+    next ``prompts_per_forward`` texts until full, and reshuffles, so each batch mixes tokens from
+    many contexts.  Deterministic in ``cfg.seed``.  ``state_dict`` records how many batches were
+    served; ``load_state_dict`` replays that many (re-running the model) to resume exactly.
     """
 
     def __init__(self, model, texts: Sequence[str], cfg: BufferConfig):
@@ -270,10 +123,8 @@ class ActivationBuffer:
             self._next_text, self._epoch = 0, self._epoch + 1
         chunk = self.texts[self._next_text: self._next_text + cfg.prompts_per_forward]
         self._next_text += len(chunk)
-        batch = tokenize(self.model, chunk, cfg.context_size, cfg.prepend_bos)
-        keep = batch.counted_mask(cfg.exclude_bos, cfg.exclude_pad)
-        acts = run_hooks(self.model, batch, [cfg.hook_name])[cfg.hook_name]
-        got = acts[keep.to(acts.device)].cpu()
+        got = harvest(self.model, chunk, cfg.hook_name, "all", exclude=cfg.exclude, prepend_bos=cfg.prepend_bos,
+                      context_size=cfg.context_size, batch_size=len(chunk), cache=False)[cfg.hook_name]
         self.n_tokens_read += len(got)
         return got
 

@@ -81,6 +81,15 @@ class GatedSAE(SAE):
         return super().extra_repr() + f", aux={self.use_aux}"
 
 
+@torch.no_grad()
+def gate_statistics(sae: GatedSAE, x: torch.Tensor) -> dict[str, float]:
+    """How open the gates are on activations ``x`` [n, d_in]: gates open per token (``pi_gate > 0``),
+    the mean gate pre-activation, and the fraction of latents that fire on some input."""
+    gate = sae.gate_pre_acts(x)
+    return {"gate_open_per_token": float((gate > 0).float().sum(-1).mean()),
+            "mean_gate_preact": float(gate.mean()), "frac_alive": float((sae.encode(x) != 0).any(0).float().mean())}
+
+
 @register("gated_noaux")
 class GatedNoAuxSAE(GatedSAE):
     """The gated SAE trained without the auxiliary term (the paper's ablation)."""

@@ -127,7 +127,8 @@ def threshold_codes(f: torch.Tensor, T: float) -> torch.Tensor:
 
 
 def code_replacement(sae, coder: str = "encoder", T: float = 0.0, **ito_kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A splice function ``a [..., d_in] -> decode(threshold(code(a), T))`` for ``lib.sae.splice``.
+    """A splice function ``a [..., d_in] -> decode(threshold(code(a), T))`` for ``lib.sae.splice``,
+    carrying the SAE's ``hook_name`` (so splicing it needs no hook argument).
 
     ``coder``: ``"encoder"`` (the SAE's own code) or ``"ito"`` (ITO at the encoder's per-token L0).
     """
@@ -141,4 +142,34 @@ def code_replacement(sae, coder: str = "encoder", T: float = 0.0, **ito_kwargs) 
         f = sae.encode(flat) if coder == "encoder" else ito_sae(sae, flat, **ito_kwargs)
         return sae.decode(threshold_codes(f, T)).reshape(a.shape).to(a.device, a.dtype)
 
+    fn.hook_name = sae.cfg.hook_name
     return fn
+
+
+def threshold_sweep(sae, model, x: torch.Tensor, tokens, thresholds, codes: dict[str, torch.Tensor],
+                    refine_steps: int = 0, context_size: int = 128) -> dict:
+    """Reconstruction and spliced CE of each code in ``codes`` (``"encoder"`` / ``"ito"``: [n, d_sae]
+    codes of ``x`` [n, d_in]) after zeroing activations below each threshold ``T``.
+
+    Returns ``{"thresholds", "{name}_mse", "{name}_ve" (variance explained), "{name}_ce" (CE with
+    the thresholded code spliced in over ``tokens``, recomputed per token by
+    :func:`code_replacement`), "{name}_l0", "ce_clean"}``, lists over ``thresholds``.
+    """
+    from lib.sae.metrics import splice_check
+
+    tv = float((x - x.mean(0)).pow(2).sum(-1).mean())
+    curves: dict = {"thresholds": list(thresholds)}
+    curves.update({f"{name}_{k}": [] for k in ("mse", "ve", "ce", "l0") for name in codes})
+    for T in thresholds:
+        for name, f in codes.items():
+            ft = threshold_codes(f, T)
+            with torch.no_grad():
+                mse = float((sae.decode(ft) - x).pow(2).sum(-1).mean())
+            ce = splice_check(model, tokens, code_replacement(sae, name, T, refine_steps=refine_steps),
+                              context_size=context_size)
+            curves[f"{name}_mse"].append(mse)
+            curves[f"{name}_ve"].append(1 - mse / tv)
+            curves[f"{name}_ce"].append(ce["ce_spliced"])
+            curves[f"{name}_l0"].append(float((ft != 0).sum(-1).float().mean()))
+    curves["ce_clean"] = ce["ce_clean"]
+    return curves

@@ -1,7 +1,8 @@
 """SAE evaluation with one stated formula per metric, and the same SAE scored under other libraries' conventions.
 
 Our convention (``evaluate``).  ``T`` is the set of counted tokens: real (non-pad) positions,
-minus the BOS position unless ``exclude_bos=False``; ``x_t`` the activation at ``hook``,
+minus the BOS position (``exclude=("bos", "pad")``, the default); ``x_t`` the activation at the
+SAE's hook,
 ``x_hat_t`` the SAE's reconstruction, ``f_t`` its latents, ``e_t = x_hat_t - x_t``.
 
 ==================  =====================================================================
@@ -37,14 +38,14 @@ public code:
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from lib.sae.buffer import TokenBatch, tokenize
-from lib.sae.splice import run_spliced, sae_replacement, splice_hook, zero_replacement
+from lib.activations import TokenBatch, batch_activations, tokenize
+from lib.sae.splice import (as_replacement, replacement_hook, run_spliced, sae_replacement, splice_hook,
+                            zero_replacement)
 from lib.utils import as_names
 
 CONVENTIONS = ("ours", "saelens_old", "saelens_now", "dictionary_learning")
@@ -245,7 +246,7 @@ def as_token_batch(model, tokens, attention_mask: torch.Tensor | None = None, co
     if isinstance(tokens, TokenBatch):
         return tokens
     if isinstance(tokens, (list, tuple)):
-        return tokenize(model, tokens, context_size, prepend_bos)
+        return tokenize(model, tokens, context_size, prepend_bos=prepend_bos)
     tok = model.tokenizer
     if attention_mask is None:
         pad = tok.pad_token_id
@@ -263,14 +264,15 @@ def _special_ids(model) -> list[int]:
 
 
 @torch.no_grad()
-def collect(sae, model, hook: str | None, tokens, *, attention_mask: torch.Tensor | None = None,
-            batch_size: int = 16, exclude_bos: bool = True, context_size: int = 128,
+def collect(sae, model, tokens, *, hook: str | None = None, attention_mask: torch.Tensor | None = None,
+            batch_size: int = 16, exclude: Collection[str] = ("bos", "pad"), context_size: int = 128,
             conventions: Sequence[str] = ("ours",)) -> EvalStats:
     """Run the model over ``tokens`` in batches of ``batch_size`` sequences and gather the sums
-    behind every metric of ``conventions`` (see the module docstring for the formulas)."""
-    hook = hook or sae.cfg.hook_name
-    if not hook:
-        raise ValueError("No hook given and the SAE's cfg.hook_name is empty")
+    behind every metric of ``conventions`` (see the module docstring for the formulas).
+
+    ``hook`` defaults to the SAE's own ``cfg.hook_name``; ``exclude`` is what the counted tokens
+    ``T`` leave out (:meth:`lib.activations.TokenBatch.counted_mask`)."""
+    hook = replacement_hook(sae, hook)
     conventions = as_names(conventions, "conventions")
     bad = [c for c in conventions if c not in CONVENTIONS]
     if bad:
@@ -286,72 +288,78 @@ def collect(sae, model, hook: str | None, tokens, *, attention_mask: torch.Tenso
     for i in range(0, len(batch), batch_size):
         b = batch[i: i + batch_size]
         toks = b.tokens.to(device)
-        logits, cache = model.run_with_cache(toks, names_filter=[hook])
-        act = cache[hook]
+        logits, acts = batch_activations(model, b, hook, logits=True)
+        act = acts[hook]
         ce_clean = token_ce(logits, toks)
-        counted = b.counted_mask(exclude_bos).to(act.device)
+        counted = b.counted_mask(exclude).to(act.device)
         x = act[counted].to(p.device, p.dtype)
         x_hat, f = sae(x, output_features=True)
         recon["ours"].add(x, x_hat, f)
         if "ours" in conventions:
-            spliced = token_ce(run_spliced(model, toks, hook, sae_fn, counted), toks)
-            zero = token_ce(run_spliced(model, toks, hook, zero_replacement, counted), toks)
+            spliced = token_ce(run_spliced(model, toks, sae_fn, counted, hook=hook), toks)
+            zero = token_ce(run_spliced(model, toks, zero_replacement, counted, hook=hook), toks)
             ce["ours"].add(ce_clean, spliced, zero, b.attention_mask[:, 1:])
         if want_saelens or "dictionary_learning" in conventions:
-            zero_all = token_ce(run_spliced(model, toks, hook, zero_replacement, None), toks)
+            zero_all = token_ce(run_spliced(model, toks, zero_replacement, None, hook=hook), toks)
         if want_saelens:
             keep = ~torch.isin(b.tokens, special).to(act.device)
             xs = act[keep].to(p.device, p.dtype)
             xs_hat, fs = sae(xs, output_features=True)
             recon["saelens"].add(xs, xs_hat, fs)
-            spliced_sl = token_ce(run_spliced(model, toks, hook, sae_fn, keep), toks)
+            spliced_sl = token_ce(run_spliced(model, toks, sae_fn, keep, hook=hook), toks)
             for c in ("saelens_old", "saelens_now"):
                 if c in conventions:
                     ce[c].add(ce_clean, spliced_sl, zero_all, keep[:, :-1])
         if "dictionary_learning" in conventions:
-            spliced_all = token_ce(run_spliced(model, toks, hook, sae_fn, None), toks)
+            spliced_all = token_ce(run_spliced(model, toks, sae_fn, None, hook=hook), toks)
             ce["dictionary_learning"].add(ce_clean, spliced_all, zero_all, b.tokens[:, 1:] != pad_id)
     return EvalStats(recon=recon, ce=ce, n_sequences=len(batch))
 
 
-def evaluate(sae, model, hook: str | None, tokens, *, attention_mask: torch.Tensor | None = None,
-             batch_size: int = 16, exclude_bos: bool = True, context_size: int = 128) -> dict[str, float]:
-    """Our metrics for ``sae`` at ``hook`` over ``tokens`` (a TokenBatch, texts, or a token tensor).
+def evaluate(sae, model, tokens, *, hook: str | None = None, attention_mask: torch.Tensor | None = None,
+             batch_size: int = 16, exclude: Collection[str] = ("bos", "pad"),
+             context_size: int = 128) -> dict[str, float]:
+    """Our metrics for ``sae`` over ``tokens`` (a TokenBatch, texts, or a token tensor), at its own
+    hook unless ``hook`` says otherwise.
 
     Returns ``mse, var_explained, l1, l0, frac_alive, n_tokens, ce_clean, ce_spliced,
     ce_zero_ablated, loss_recovered, n_ce_tokens`` (formulas in the module docstring).
     """
-    stats = collect(sae, model, hook, tokens, attention_mask=attention_mask, batch_size=batch_size,
-                    exclude_bos=exclude_bos, context_size=context_size)
+    stats = collect(sae, model, tokens, hook=hook, attention_mask=attention_mask, batch_size=batch_size,
+                    exclude=exclude, context_size=context_size)
     return stats.metrics("ours")
 
 
-def compare_conventions(sae, model, hook: str | None, tokens, **kwargs):
+def compare_conventions(sae, model, tokens, **kwargs):
     """One SAE, four columns: ours, SAELens as it was, SAELens now, dictionary_learning (a DataFrame)."""
     import pandas as pd
 
-    stats = collect(sae, model, hook, tokens, conventions=CONVENTIONS, **kwargs)
+    stats = collect(sae, model, tokens, conventions=CONVENTIONS, **kwargs)
     return pd.DataFrame({c: stats.metrics(c) for c in CONVENTIONS})
 
 
 @torch.no_grad()
-def splice_check(model, hook: str, tokens, replacement=None, *, attention_mask=None, batch_size: int = 16,
-                 context_size: int = 128, exclude_bos: bool = True) -> dict[str, float]:
-    """Splice ``replacement`` (default: the identity) at ``hook`` and compare CE with the clean run.
+def splice_check(model, tokens, replacement=None, *, hook: str | None = None, attention_mask=None,
+                 batch_size: int = 16, context_size: int = 128,
+                 exclude: Collection[str] = ("bos", "pad")) -> dict[str, float]:
+    """Splice ``replacement`` (an SAE, a function ``a -> a'``, or None for the identity) at its hook
+    (``hook``, or the SAE's / function's own ``hook_name``) over the counted positions of
+    ``tokens`` and compare CE with the clean run.
 
     Returns ``ce_clean``, ``ce_spliced`` (over real targets) and ``max_abs_logit_diff``; with the
     identity both CEs are equal to the last bit.
     """
+    hook = replacement_hook(replacement, hook)
     batch = as_token_batch(model, tokens, attention_mask, context_size)
     device = next(model.parameters()).device
-    fn = replacement or (lambda a: a)
+    fn = (lambda a: a) if replacement is None else as_replacement(replacement)
     s_clean = s_spliced = 0.0
     n, max_diff = 0, 0.0
     for i in range(0, len(batch), batch_size):
         b = batch[i: i + batch_size]
         toks = b.tokens.to(device)
         clean = model(toks, return_type="logits")
-        spliced = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(fn, b.counted_mask(exclude_bos)))],
+        spliced = model.run_with_hooks(toks, fwd_hooks=[(hook, splice_hook(fn, b.counted_mask(exclude)))],
                                        return_type="logits")
         m = b.attention_mask[:, 1:].to(device)
         s_clean += float(token_ce(clean, toks)[m].double().sum())

@@ -16,10 +16,11 @@ from typing import Sequence
 
 import torch
 
+from lib.activations import TokenBatch, batch_activations, tokenize
 from lib.sae.base import SAEConfig
-from lib.sae.buffer import TensorSource, TokenBatch, run_hooks, tokenize
+from lib.sae.buffer import TensorSource
 from lib.sae.metrics import EvalStats, ReconStats, splice_check, token_ce
-from lib.sae.splice import run_spliced, sae_replacement, tensor_replacement, zero_replacement
+from lib.sae.splice import replacement_hook, run_spliced, sae_replacement, tensor_replacement, zero_replacement
 from lib.sae.trainer import TrainConfig, train_sae
 
 
@@ -44,9 +45,11 @@ def variable_length_texts(docs: Sequence[str], seed: int = 0, min_sentences: int
 
 
 @torch.no_grad()
-def padding_in_ce(sae, model, hook: str, batch: TokenBatch, batch_size: int = 16) -> dict:
+def padding_in_ce(sae, model, batch: TokenBatch, batch_size: int = 16, hook: str | None = None) -> dict:
     """(c) CE with padding counted (spliced and ablated everywhere, every target counted, as code
-    that ignores the attention mask does) vs ours (pads neither spliced nor counted)."""
+    that ignores the attention mask does) vs ours (pads neither spliced nor counted); at the
+    SAE's hook unless ``hook`` says otherwise."""
+    hook = replacement_hook(sae, hook)
     fn = sae_replacement(sae)
     sums = {k: {"clean": 0.0, "spliced": 0.0, "zero": 0.0} for k in ("wrong", "right")}
     counts = {"wrong": 0, "right": 0}
@@ -54,13 +57,13 @@ def padding_in_ce(sae, model, hook: str, batch: TokenBatch, batch_size: int = 16
     for i in range(0, len(batch), batch_size):
         b = batch[i: i + batch_size]
         toks = b.tokens.to(device)
-        clean = token_ce(run_spliced(model, toks, hook, None), toks)
+        clean = token_ce(run_spliced(model, toks, None), toks)
         runs = {
-            "wrong": (token_ce(run_spliced(model, toks, hook, fn, None), toks),
-                      token_ce(run_spliced(model, toks, hook, zero_replacement, None), toks),
+            "wrong": (token_ce(run_spliced(model, toks, fn, None, hook=hook), toks),
+                      token_ce(run_spliced(model, toks, zero_replacement, None, hook=hook), toks),
                       torch.ones_like(b.attention_mask[:, 1:])),
-            "right": (token_ce(run_spliced(model, toks, hook, fn, b.counted_mask()), toks),
-                      token_ce(run_spliced(model, toks, hook, zero_replacement, b.counted_mask()), toks),
+            "right": (token_ce(run_spliced(model, toks, fn, b.counted_mask(), hook=hook), toks),
+                      token_ce(run_spliced(model, toks, zero_replacement, b.counted_mask(), hook=hook), toks),
                       b.attention_mask[:, 1:]),
         }
         for k, (spliced, zero, mask) in runs.items():
@@ -79,10 +82,11 @@ def padding_in_ce(sae, model, hook: str, batch: TokenBatch, batch_size: int = 16
 
 
 @torch.no_grad()
-def context_length_rows(sae, model, hook: str, batch: TokenBatch, split: int = 128, batch_size: int = 16,
-                        label: str = "") -> list[dict]:
+def context_length_rows(sae, model, batch: TokenBatch, split: int = 128, batch_size: int = 16,
+                        label: str = "", hook: str | None = None) -> list[dict]:
     """(d) Reconstruction and CE by position bucket: positions < ``split`` (the SAE's training
     context) and >= ``split``, with the SAE spliced at every counted position of long contexts."""
+    hook = replacement_hook(sae, hook)
     fn = sae_replacement(sae)
     p = next(sae.parameters())
     device = next(model.parameters()).device
@@ -92,12 +96,12 @@ def context_length_rows(sae, model, hook: str, batch: TokenBatch, split: int = 1
     for i in range(0, len(batch), batch_size):
         b = batch[i: i + batch_size]
         toks = b.tokens.to(device)
-        act = run_hooks(model, b, [hook])[hook]
+        act = batch_activations(model, b, hook)[hook]
         counted = b.counted_mask()
         pos = torch.arange(toks.shape[1])[None].expand_as(counted)
-        clean = token_ce(run_spliced(model, toks, hook, None), toks)
-        spliced = token_ce(run_spliced(model, toks, hook, fn, counted), toks)
-        zero = token_ce(run_spliced(model, toks, hook, zero_replacement, counted), toks)
+        clean = token_ce(run_spliced(model, toks, None), toks)
+        spliced = token_ce(run_spliced(model, toks, fn, counted, hook=hook), toks)
+        zero = token_ce(run_spliced(model, toks, zero_replacement, counted, hook=hook), toks)
         for key, in_bucket in (("< %d" % split, pos < split), (">= %d" % split, pos >= split)):
             m = counted & in_bucket
             x = act[m.to(act.device)].to(p.device, p.dtype)
@@ -129,7 +133,8 @@ def scale_dependence(acts: torch.Tensor, sae_cfg: SAEConfig, train_cfgs: dict[st
     for label, tc in train_cfgs.items():
         for c in scales:
             tc_c = replace(tc, bias_lr_scale=tc.bias_lr_scale * c, grad_clip=None)
-            sae, _ = train_sae(sae_cfg, TensorSource(train, tc.batch_size, seed=tc.seed, scale=c), tc_c)
+            source = TensorSource(train, tc.batch_size, seed=tc.seed, device=acts.device, scale=c)
+            sae, _ = train_sae(sae_cfg, source, tc_c, device=acts.device)
             with torch.no_grad():
                 x = c * held
                 x_hat, f = sae(x, output_features=True)
@@ -145,14 +150,14 @@ def splice_identity(model, hook: str, texts: Sequence[str], context_size: int = 
     activations come from a run tokenised without BOS (what ``model.to_tokens(texts)`` gives for a
     GPT-NeoX model, whose ``default_prepend_bos`` is False), spliced position-aligned into the
     BOS-prefixed run, the kind of mismatch this check exists to catch."""
-    right = splice_check(model, hook, list(texts), context_size=context_size)
+    right = splice_check(model, list(texts), hook=hook, context_size=context_size)
     with_bos = tokenize(model, texts, context_size, prepend_bos=True)
     no_bos = tokenize(model, texts, context_size - 1, prepend_bos=False)
-    acts = run_hooks(model, no_bos, [hook])[hook]
-    aligned = run_hooks(model, with_bos, [hook])[hook].clone()  # BOS position keeps its own value
+    acts = batch_activations(model, no_bos, hook)[hook]
+    aligned = batch_activations(model, with_bos, hook)[hook].clone()  # BOS position keeps its own value
     width = min(acts.shape[1], aligned.shape[1] - 1)
     aligned[:, 1: 1 + width] = acts[:, :width]
-    wrong = splice_check(model, hook, with_bos, replacement=tensor_replacement(aligned), batch_size=len(with_bos))
+    wrong = splice_check(model, with_bos, tensor_replacement(aligned), hook=hook, batch_size=len(with_bos))
     return {"wrong": wrong["ce_spliced"], "right": right["ce_spliced"], "ce_clean": right["ce_clean"],
             "right_max_abs_logit_diff": right["max_abs_logit_diff"],
             "wrong_max_abs_logit_diff": wrong["max_abs_logit_diff"]}

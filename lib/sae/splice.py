@@ -5,13 +5,19 @@ A splice replaces the activation ``a`` [batch, pos, d] at ``hook`` by ``fn(a)`` 
 entries bit for bit, so splicing ``fn = identity`` reproduces the clean forward pass exactly: the
 sanity check of the seed ("plug the correct activations back in: do you get the clean CE?").
 
->>> logits = run_spliced(model, tokens, "blocks.1.hook_resid_post", sae, positions=mask)
+>>> logits = run_spliced(model, tokens, sae, positions=mask)      # at sae.cfg.hook_name
+>>> logits = run_spliced(model, tokens, fn, hook="blocks.1.hook_resid_post")  # any function
+
+The hook is the replacement's own unless ``hook`` says otherwise: an SAE's ``cfg.hook_name``, or
+the ``hook_name`` attribute of a function (:func:`lib.sae.ito.code_replacement` sets one).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from lib.hooks import check_hooks
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,10 +36,6 @@ def zero_replacement(a: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(a)
 
 
-def identity_replacement(a: torch.Tensor) -> torch.Tensor:
-    return a
-
-
 def tensor_replacement(values: torch.Tensor) -> Replacement:
     """Replace by precomputed activations ``values`` [batch, pos, d] (e.g. from a cache)."""
 
@@ -43,6 +45,20 @@ def tensor_replacement(values: torch.Tensor) -> Replacement:
         return values.to(a.device, a.dtype)
 
     return fn
+
+
+def replacement_hook(replacement, hook: str | None = None) -> str:
+    """The hook ``replacement`` splices at: ``hook`` when given, else the SAE's ``cfg.hook_name``
+    or the function's ``hook_name``."""
+    found = hook or getattr(getattr(replacement, "cfg", None), "hook_name", None) or getattr(replacement, "hook_name", None)
+    if not found:
+        raise ValueError("no hook to splice at: pass hook=..., or an SAE whose cfg.hook_name is set")
+    return found
+
+
+def as_replacement(replacement) -> Replacement:
+    """An SAE (anything with ``encode``/``decode``) becomes :func:`sae_replacement`; a function stays."""
+    return sae_replacement(replacement) if hasattr(replacement, "decode") else replacement
 
 
 def splice_hook(fn: Replacement, positions: torch.Tensor | None = None):
@@ -61,8 +77,9 @@ def splice_hook(fn: Replacement, positions: torch.Tensor | None = None):
 
 
 @torch.no_grad()
-def run_spliced(model, tokens: torch.Tensor, hook: str, replacement, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [batch, pos, vocab] with ``replacement`` spliced in at ``hook``.
+def run_spliced(model, tokens: torch.Tensor, replacement, positions: torch.Tensor | None = None, *,
+                hook: str | None = None) -> torch.Tensor:
+    """Logits [batch, pos, vocab] with ``replacement`` spliced in at its hook (see the module docstring).
 
     ``replacement`` is an SAE (an ``nn.Module`` with ``encode``/``decode``), or a function
     ``a -> a'``, or None for the clean run.
@@ -71,7 +88,7 @@ def run_spliced(model, tokens: torch.Tensor, hook: str, replacement, positions: 
     tokens = tokens.to(device)
     if replacement is None:
         return model(tokens, return_type="logits")
-    if hook not in model.hook_dict:
-        raise KeyError(f"hook {hook!r} not in the model; see lib.models.hook_names(model)")
-    fn = sae_replacement(replacement) if hasattr(replacement, "decode") else replacement
+    hook = replacement_hook(replacement, hook)
+    check_hooks(model, hook)
+    fn = as_replacement(replacement)
     return model.run_with_hooks(tokens, fwd_hooks=[(hook, splice_hook(fn, positions))], return_type="logits")

@@ -3,8 +3,8 @@
 >>> trainer = Trainer(sae, data, TrainConfig(total_tokens=2_000_000, sparsity_coefficient=5.0))
 >>> history = trainer.fit()
 
-``data`` is any iterator of ``[batch, d_in]`` activation batches (an :class:`~lib.sae.buffer.ActivationBuffer`
-or a :class:`~lib.sae.buffer.TensorSource`).  Each step:
+``data`` is any iterator of ``[batch, d_in]`` activation batches (a :class:`~lib.sae.buffer.TensorSource`
+over harvested activations, or an :class:`~lib.sae.buffer.ActivationBuffer` streaming them).  Each step:
 
 1. sparsity coefficient (linear warm-up) and learning rate (linear warm-up, linear decay over
    the last ``lr_decay_frac`` of training) for this step;
@@ -30,9 +30,7 @@ A progress bar shows live L0, MSE and fraction alive; ``history`` holds them eve
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from typing import Iterator
 
 import torch
 
+from lib.results import atomic_output
 from lib.sae.base import SAE, SAEConfig, make_sae, positive_int
 from lib.utils import progress
 
@@ -112,19 +111,6 @@ def data_fingerprint(data) -> str | None:
     """What a data source serves, as a string (``data.fingerprint()``), or None when it cannot say."""
     fp = getattr(data, "fingerprint", None)
     return fp() if callable(fp) else None
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def param_groups(sae: SAE, bias_lr_scale: float = 1.0) -> list[dict]:
@@ -290,7 +276,8 @@ class Trainer:
             "data_fingerprint": self._data_fp,
             "train_cfg": asdict(self.cfg),
         }
-        atomic_torch_save(state, self.checkpoint_path)
+        with atomic_output(self.checkpoint_path) as tmp:  # never a half-written checkpoint
+            torch.save(state, tmp)
         return self.checkpoint_path
 
     def load_checkpoint(self, path: Path) -> None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lib.probes import LogisticProbe, train_test_indices
+
 FEATURES = ("a", "b", "a^b", "a&b")
 
 
@@ -74,17 +76,18 @@ def uniform_square(n: int = 4000, *, xor_strength: float = 0.0, d: int = 3, seed
     return Clusters(X, a.astype(np.int64), b.astype(np.int64))
 
 
+def _fit(data: Clusters, feature: str, test_fraction: float, seed: int):
+    """The probe of this module (logistic regression with a bias, weak regularisation ``C = 100``)
+    fitted on a uniformly random ``1 - test_fraction`` of the rows: ``(probe, y, split)``."""
+    y = data.feature(feature)
+    split = train_test_indices(len(y), test_fraction, seed=seed)
+    return LogisticProbe(C=100.0, fit_bias=True).fit(data.X[split.train], y[split.train]), y, split
+
+
 def linear_accuracy(data: Clusters, feature: str, test_fraction: float = 0.25, seed: int = 0) -> float:
     """Held-out accuracy of a logistic-regression probe (with bias, weak regularisation) for ``feature``."""
-    from sklearn.linear_model import LogisticRegression
-
-    y = data.feature(feature)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y))
-    k = int(round(test_fraction * len(y)))
-    test, train = order[:k], order[k:]
-    probe = LogisticRegression(C=100.0, max_iter=5000).fit(data.X[train], y[train])
-    return float((probe.predict(data.X[test]) == y[test]).mean())
+    probe, y, split = _fit(data, feature, test_fraction, seed)
+    return probe.score(data.X[split.test], y[split.test])
 
 
 def best_threshold_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
@@ -98,30 +101,6 @@ def best_threshold_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
     ones_above = pos - np.concatenate([[0], np.cumsum(ys)])
     acc = (zeros_below + ones_above) / n
     return float(max(acc.max(), (1 - acc).max()))
-
-
-def constant_b_generalization(*, xor_strength: float, sigma: float = 0.3, n: int = 4000, d: int = 3,
-                              seed: int = 0) -> dict[str, float]:
-    """A probe for ``a`` trained on cells with ``b = 1`` only vs one trained on all four cells
-    (same number of rows), both tested on fresh ``b = 0`` rows.
-
-    Within ``b = 1`` the means of ``a=0`` and ``a=1`` differ by ``e_1 - xor_strength e_3``, so the
-    b-constant probe leans on the XOR direction; on ``b = 0`` that direction points the other way
-    (``e_1 + xor_strength e_3``) and the probe's margin is ``1 - xor_strength^2``: past
-    ``xor_strength = 1`` it is worse than chance.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    train = gaussian_clusters(2 * n, sigma=sigma, xor_strength=xor_strength, d=d, seed=seed)
-    test = gaussian_clusters(2 * n, sigma=sigma, xor_strength=xor_strength, d=d, seed=seed + 1)
-    const = np.flatnonzero(train.b == 1)
-    varied = np.random.default_rng(seed).choice(len(train.a), size=len(const), replace=False)
-    flipped = test.b == 0
-    out = {}
-    for name, rows in (("b_constant_train", const), ("b_varied_train", varied)):
-        probe = LogisticRegression(C=100.0, max_iter=5000).fit(train.X[rows], train.a[rows])
-        out[name] = float((probe.predict(test.X[flipped]) == test.a[flipped]).mean())
-    return out
 
 
 def best_linear_accuracy(data: Clusters, feature: str, n_angles: int = 720) -> float:
@@ -139,13 +118,7 @@ def probe_report(data: Clusters, feature: str, test_fraction: float = 0.25, seed
     """What the logistic probe of :func:`linear_accuracy` did: its accuracy on its own training rows
     and on the held-out rows, and the norm of its weight vector (near 0: no direction found, the
     boundary is a line through the data placed by sampling noise)."""
-    from sklearn.linear_model import LogisticRegression
-
-    y = data.feature(feature)
-    order = np.random.default_rng(seed).permutation(len(y))
-    k = int(round(test_fraction * len(y)))
-    test, train = order[:k], order[k:]
-    probe = LogisticRegression(C=100.0, max_iter=5000).fit(data.X[train], y[train])
-    return {"train_accuracy": float((probe.predict(data.X[train]) == y[train]).mean()),
-            "test_accuracy": float((probe.predict(data.X[test]) == y[test]).mean()),
-            "weight_norm": float(np.linalg.norm(probe.coef_))}
+    probe, y, split = _fit(data, feature, test_fraction, seed)
+    return {"train_accuracy": probe.score(data.X[split.train], y[split.train]),
+            "test_accuracy": probe.score(data.X[split.test], y[split.test]),
+            "weight_norm": float(np.linalg.norm(probe.direction))}
