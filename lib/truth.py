@@ -22,7 +22,7 @@ import pandas as pd
 
 from lib.datasets.truth import (NEGATED, NEGATIONS, contrast_pairs, fact_keys, negation_partner,
                                 object_features)
-from lib.probes import (PROBES, LogisticProbe, as_labels, center, diagonal_mean, generalization_matrix,
+from lib.probes import (PROBES, LogisticProbe, as_labels, center, check_two_classes, diagonal_mean, generalization_matrix,
                         offdiagonal_mean, train_test_indices)
 
 
@@ -98,6 +98,7 @@ def truth_probe_data(frames: dict[str, pd.DataFrame], acts: dict[str, np.ndarray
     for n in names:
         if len(X[n]) != len(y[n]):
             raise ValueError(f"{n}: {len(X[n])} activation rows for {len(y[n])} statements")
+        check_two_classes(y[n], f"dataset {n!r}")  # the grouped split never looks at labels
     pairs: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
     for n in names:
         if negation_partner(n) in names:

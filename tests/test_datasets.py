@@ -197,3 +197,29 @@ def test_number_comparisons_are_a_function_of_the_objects(name):
     assert (by_pair["count"] == 2).all() and (by_pair["sum"] == 1).all()
     acc, _ = _object_only(frame)
     assert acc > 0.6  # the numbers do carry the label, as they must
+
+
+def test_one_name_as_a_string_is_one_dataset(tmp_path):
+    ds.generate_truth_datasets(tmp_path, names="cities")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cities.csv"]
+    assert list(ds.load_truth_datasets(tmp_path, names="cities")) == ["cities"]
+
+
+def test_truth_csv_errors_name_the_file_and_line(tmp_path):
+    extra = tmp_path / "extra.csv"
+    extra.write_text("statement,label\nThe city of Paris is in France.,1,oops\n", encoding="utf-8")
+    with pytest.raises(ds.DatasetFormatError, match=r"extra\.csv.*line 2"):
+        ds.read_truth_csv(extra)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("statement,label\nThe city of Bogotá is in Colombia.,1\n".encode("latin-1"))
+    with pytest.raises(ds.DatasetFormatError, match=r"latin\.csv is not UTF-8"):
+        ds.read_truth_csv(latin)
+
+
+def test_a_dataset_of_one_class_is_refused_for_probing():
+    from lib.truth import truth_probe_data
+
+    frame = ds.make_truth_dataset("cities")
+    only_true = frame[frame.label == 1].reset_index(drop=True)
+    with pytest.raises(ValueError, match="dataset 'cities' has only label 1"):
+        truth_probe_data({"cities": only_true}, {"cities": np.zeros((len(only_true), 4))})

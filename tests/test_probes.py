@@ -155,7 +155,7 @@ def test_ccs_finds_the_consistent_direction_and_is_oriented_by_labels():
 
 
 def test_fit_errors_are_explained():
-    with pytest.raises(ValueError, match="only one class"):
+    with pytest.raises(ValueError, match="only label 1"):
         DiffMeanProbe().fit(np.zeros((4, 2)), np.ones(4))
     with pytest.raises(ValueError, match="0/1"):
         LDAProbe().fit(np.zeros((4, 2)), np.array([0, 1, 2, 1]))

@@ -7,7 +7,6 @@ notebook does not touch committed CSVs.
 """
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -73,16 +72,15 @@ def validate_truth_frame(frame: pd.DataFrame, source: str = "dataset") -> pd.Dat
 
 
 def read_truth_csv(path: str | os.PathLike) -> pd.DataFrame:
-    """Read and validate one truth-dataset CSV (see :func:`validate_truth_frame`)."""
+    """Read and validate one truth-dataset CSV (see :func:`validate_truth_frame`).  Encoding,
+    quoting and field-count problems are reported with the file and line (:mod:`lib.csvio`)."""
+    from lib.csvio import CSVFormatError, read_csv
+
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No truth dataset at {path}.")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DatasetFormatError(
-            f"{path} is empty; a truth dataset is a CSV with a header 'statement,label,...' and one row per statement."
-        )
-    frame = pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""])
+    try:
+        frame = read_csv(path)  # columns and labels are checked below, with the dataset's own messages
+    except CSVFormatError as err:
+        raise DatasetFormatError(str(err)) from None
     return validate_truth_frame(frame, source=str(path))
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from lib import paths
+from lib.utils import as_names
 from lib.datasets.files import REQUIRED_COLUMNS, available_truth_datasets, read_truth_csv, write_dataset_csv
 from lib.world import facts, statements
 from lib.world.statements import TRUTH_DATASETS
@@ -70,7 +71,7 @@ def generate_truth_datasets(directory: str | os.PathLike | None = None, seed: in
     committed files untouched).  Returns the directory.
     """
     out = Path(directory) if directory is not None else paths.datasets_dir()
-    for name in names:
+    for name in as_names(names, "names"):
         write_dataset_csv(make_truth_dataset(name, seed=seed, **kwargs), name, out)
     return out
 
@@ -85,7 +86,7 @@ def load_truth_datasets(directory: str | os.PathLike | None = None,
     ``directory=None`` generates the toy-world datasets first (into ``data/datasets/``, see
     :func:`generate_truth_datasets`).  A missing file is an error that lists what the folder holds.
     """
-    names = list(names)
+    names = as_names(names, "names")
     if directory is None:
         directory = generate_truth_datasets(seed=seed, names=names)
     directory = Path(directory).expanduser()

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lib import paths
+from lib.utils import as_names
 from lib.datasets.files import DatasetFormatError, write_dataset_csv
 from lib.world import facts, templates
 from lib.world.statements import city_rows
@@ -256,7 +257,7 @@ def generate_xor_datasets(directory: str | os.PathLike | None = None, seed: int 
     :func:`make_xor_dataset`), ``xor_{model_name}.csv``, to ``directory`` (default ``data/datasets/``);
     return the frames by dataset name (``"xor"`` for the sampled one)."""
     out = Path(directory) if directory is not None else paths.datasets_dir()
-    frames = {name: make_city_xor_dataset(name, seed=seed) for name in names}
+    frames = {name: make_city_xor_dataset(name, seed=seed) for name in as_names(names, "names")}
     for name, frame in frames.items():
         write_dataset_csv(frame, name, out)
     if xor_frame is not None:
