@@ -51,12 +51,6 @@ TOY_MODELS: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "toy-2l"
 
 
-def get_spec(name: str) -> ModelSpec:
-    if name not in TOY_MODELS:
-        raise KeyError(f"unknown toy model {name!r}; known: {', '.join(TOY_MODELS)}")
-    return TOY_MODELS[name]
-
-
 def training_log(name: str) -> dict:
     """The training curves saved beside a built toy model (``training_log.json``)."""
     import json

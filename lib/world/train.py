@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import paths
-from lib.results import atomic_write_text
+from lib.results import atomic_output, atomic_write_text
 from lib.utils import progress, set_seed
 from lib.world.registry import ModelSpec
 
@@ -71,11 +71,9 @@ class TrainResult:
 
 
 def _save_checkpoint(path: Path, model, opt, step: int, log: dict, data_rng: torch.Generator, key: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
-                "rng": torch.get_rng_state(), "data_rng": data_rng.get_state(), "key": key}, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
+                    "rng": torch.get_rng_state(), "data_rng": data_rng.get_state(), "key": key}, tmp)
 
 
 def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int,
