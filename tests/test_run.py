@@ -105,6 +105,17 @@ def test_every_profile_key_is_a_parameter_of_its_notebook():
     assert "model" in run.notebook_parameters(run.find_notebooks("02")[0])  # 02 takes `model` like the others
 
 
+def test_every_notebook_defaults_to_the_default_model():
+    """One name, chosen in 00 (the smallest model that meets the judgement targets), everywhere."""
+    from lib.world.registry import DEFAULT_MODEL
+
+    defaults = {book.stem: run.notebook_parameters(book)["model"].default
+                for book in run.find_notebooks() if "model" in run.notebook_parameters(book)}
+    assert len(defaults) >= 6, defaults
+    wrong = {stem: d for stem, d in defaults.items() if d.strip("\"'") != DEFAULT_MODEL}
+    assert not wrong, f"notebooks whose `model` is not DEFAULT_MODEL={DEFAULT_MODEL!r}: {wrong}"
+
+
 def test_a_failing_notebook_run_in_place_leaves_the_notebook_unchanged(tmp_path, monkeypatch, isolated_root):
     books = tmp_path / "books"
     books.mkdir()

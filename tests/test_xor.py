@@ -40,7 +40,7 @@ def test_probe_reads_a_linear_feature_and_not_noise():
 
 def test_probe_refuses_one_class_training_rows():
     X = np.zeros((10, 2))
-    with pytest.raises(ValueError, match="one class"):
+    with pytest.raises(ValueError, match="only label 1"):
         xor.xor_probe().fit(X, np.ones(10, dtype=int))
     with pytest.raises(ValueError, match="0/1"):
         xor.probe_accuracy(X, np.arange(10), train_test_indices(10))
