@@ -305,9 +305,12 @@ def anchor_table(gen: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def results_record(study: ProbeStudy, frames: Mapping[str, pd.DataFrame], pairing: pd.DataFrame,
-                   likelihood: pd.DataFrame, size_rows: Mapping[str, dict]) -> dict:
-    """Notebook 01's key numbers, as ``data/results/01_truth_probes.json`` stores them."""
+                   likelihood: pd.DataFrame, size_rows: Mapping[str, dict],
+                   baseline: Mapping[str, dict] | None = None) -> dict:
+    """Notebook 01's key numbers, as ``data/results/01_truth_probes.json`` stores them.
+    ``baseline``: :func:`object_only_baseline` per dataset (stored as ``object_only_baseline``)."""
     sweep = study.sweep
+    extra = {} if baseline is None else {"object_only_baseline": {n: dict(b) for n, b in baseline.items()}}
     return {
         "model": study.model_name, "layer": study.layer, "hook": study.hook,
         "datasets": {n: len(f) for n, f in frames.items()},
@@ -325,6 +328,7 @@ def results_record(study: ProbeStudy, frames: Mapping[str, pd.DataFrame], pairin
                    "delta_logit_true_minus_false": sweep[sweep["direction"] == "dim"]["mean_delta"].tolist(),
                    "by_direction": {d: sweep[sweep["direction"] == d]["mean_delta"].tolist() for d in study.directions},
                    "nie": {f"{d}@{a}": row for (a, d), row in study.nie.to_dict(orient="index").items()}},
+        **extra,
     }
 
 
