@@ -266,3 +266,19 @@ def test_build_records_provenance_and_the_skill_curve(tmp_path, monkeypatch):
     from lib.models import load_model
 
     assert load_model(str(tmp_path / "toy-1l"), device="cpu").cfg.n_layers == 1
+
+
+def test_the_default_is_the_smallest_model_meeting_the_targets_else_the_closest():
+    judged = {name: {"auroc": 0.99, "paired_accuracy": 0.99} for name in recall.JUDGEMENT_TARGETS}
+    weak = {**judged, "neg_cities": {"auroc": 0.91, "paired_accuracy": 0.89}}
+    good_recall, low_recall = {"cities": 0.99, "sp_en_trans": 1.0}, {"cities": 0.966, "sp_en_trans": 1.0}
+    n_params = {"small": 1, "mid": 2, "big": 3}
+    checks = {"small": recall.target_check(weak, low_recall), "mid": recall.target_check(judged, low_recall),
+              "big": recall.target_check(judged, good_recall)}
+    assert recall.smallest_passing(checks, n_params) == "big"
+    assert recall.choose_default(checks, n_params) == ("big", [])
+    del checks["big"]  # nobody meets everything: the one missing fewest targets, with what it misses
+    assert recall.smallest_passing(checks, n_params) is None
+    assert recall.choose_default(checks, n_params) == ("mid", ["recall cities"])
+    checks["tie"], n_params["tie"] = dict(checks["mid"]), 0.5
+    assert recall.choose_default(checks, n_params)[0] == "tie"  # equally close: the smaller

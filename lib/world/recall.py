@@ -172,3 +172,12 @@ def smallest_passing(checks: dict[str, dict[str, bool]], n_params: dict[str, int
     """The model with the fewest parameters whose checks all pass, or None."""
     passing = [name for name, c in checks.items() if all(c.values())]
     return min(passing, key=lambda n: n_params[n]) if passing else None
+
+
+def choose_default(checks: dict[str, dict[str, bool]], n_params: dict[str, int]) -> tuple[str, list[str]]:
+    """The notebooks' default model and the targets it misses: the smallest model meeting every
+    target; when none does, the model missing the fewest (the smaller one among ties)."""
+    if not checks:
+        raise ValueError("no models to choose from")
+    name = min(checks, key=lambda n: (sum(not ok for ok in checks[n].values()), n_params[n]))
+    return name, [c for c, ok in checks[name].items() if not ok]
