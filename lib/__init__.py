@@ -17,4 +17,10 @@ Modules (one concern each; dependencies point down this list's lower layers, nev
 
 Import what you need, e.g. ``from lib.models import load_model``.
 """
+import warnings
+
+# tqdm.auto (imported by transformers and others) warns in a kernel without ipywidgets; the
+# library's bars are plain text bars (lib.utils.progress), so the warning is noise in every notebook.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 __version__ = "0.1.0"

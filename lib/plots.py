@@ -78,23 +78,23 @@ def save_figure(fig: go.Figure, name: str, width: int = 800, height: int = 500) 
     return written
 
 
-def show(fig: go.Figure, name: str, width: int = 800, height: int = 500):
-    """Save the figure (see ``save_figure``) and display it inline as its PNG.
+def show(fig: go.Figure, name: str, width: int = 800, height: int = 500) -> None:
+    """Save the figure (see ``save_figure``, which returns the paths) and display it inline as its PNG.
 
     Outside a notebook this just saves.  Falls back to plotly's own rendering if no PNG could be
-    made, so the notebook still shows the figure.
+    made, so the notebook still shows the figure.  Returns nothing, so that a cell ending in
+    ``show(...)`` prints no paths.
     """
     written = save_figure(fig, name, width=width, height=height)
     try:
         from IPython import get_ipython
         from IPython.display import Image, display
     except ImportError:  # pragma: no cover - IPython ships with the dev extras
-        return written
+        return
     if get_ipython() is None:
-        return written
+        return
     if "png" in written:
         # embed a scale-1 render (a quarter of the bytes of figures/'s scale-2 file): notebooks stay small
         display(Image(data=fig.to_image(format="png", width=width, height=height, scale=1), width=width))
     else:
         fig.show()
-    return written

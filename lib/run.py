@@ -274,6 +274,7 @@ def run_notebook(path: Path, out: Path, parameters: dict, timeout: int | None = 
     try:
         pm.execute_notebook(str(path), str(executed), parameters=parameters, cwd=str(path.parent),
                             kernel_name="python3", progress_bar=False, execution_timeout=timeout)
+        _strip_machine_paths(executed, path, out)
         os.replace(executed, out)
         return "ok", time.perf_counter() - start, ""
     except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
@@ -290,6 +291,26 @@ def run_notebook(path: Path, out: Path, parameters: dict, timeout: int | None = 
             os.environ.pop("COMPENDIUM_QUIET", None)
         else:
             os.environ["COMPENDIUM_QUIET"] = env_before
+
+
+def _strip_machine_paths(executed: Path, source: Path, out: Path) -> None:
+    """papermill records the absolute input and output paths in the notebook's metadata; a
+    committed notebook keeps them relative to the repository (or just the file name)."""
+    import nbformat
+
+    nb = nbformat.read(str(executed), as_version=4)
+    meta = nb.metadata.get("papermill")
+    if not meta:
+        return
+
+    def relative(p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(paths.REPO_ROOT))
+        except ValueError:
+            return p.name
+
+    meta["input_path"], meta["output_path"] = relative(source), relative(out)
+    nbformat.write(nb, str(executed))
 
 
 def _run_in_worker(path: Path, out: Path, parameters: dict, timeout: int | None, keep_failed: Path | None,

@@ -134,7 +134,11 @@ def test_a_failing_notebook_run_in_place_leaves_the_notebook_unchanged(tmp_path,
     # a successful run replaces it
     _notebook(book, "print('fresh')")
     assert run.main(["--only", "00", "--jobs", "1"]) == 0
-    assert nbformat.read(book, as_version=4).cells[1].outputs[0]["text"].strip() == "fresh"
+    fresh = nbformat.read(book, as_version=4)
+    assert fresh.cells[1].outputs[0]["text"].strip() == "fresh"
+    # no machine's path in what gets committed: papermill's paths are relative or bare names
+    recorded = fresh.metadata["papermill"]
+    assert (recorded["input_path"], recorded["output_path"]) == ("00_fails.ipynb", "00_fails.ipynb")
 
 
 def test_runner_keeps_going_and_reports(tmp_path, monkeypatch, isolated_root):
