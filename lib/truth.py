@@ -222,7 +222,7 @@ def probe_study(model, frames: Mapping[str, pd.DataFrame], layer: int | None = N
                 alphas: Sequence[float] = (-0.5, 0.5), seed: int = 0, batch_size: int = 32,
                 acts: Mapping[str, np.ndarray] | None = None, device=None, dtype=None) -> ProbeStudy:
     """The truth-probe protocol on ``model`` (a name, loaded with ``device`` / ``dtype``, or a loaded
-    model) at the residual stream after block ``layer`` (default: the middle one).
+    model) at the residual stream after block ``layer`` (default: the middle one; negative counts from the end, -1 the last).
 
     Harvests the last-token activations of every dataset (unless ``acts`` gives them), trains every
     probe of :data:`lib.probes.PROBES` on every training set (:func:`training_sets`), scores each on
@@ -236,7 +236,7 @@ def probe_study(model, frames: Mapping[str, pd.DataFrame], layer: int | None = N
     from lib.models import load_model
 
     lm = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
-    layer = (lm.cfg.n_layers - 1) // 2 if layer is None else layer
+    layer = (lm.cfg.n_layers - 1) // 2 if layer is None else layer % lm.cfg.n_layers  # -1: the last block
     hook = hook_name(layer)
     if acts is None:
         acts = {n: harvest(lm, f["statement"].tolist(), hook, prepend_bos=True, batch_size=batch_size, dataset=n).numpy(hook)
