@@ -170,8 +170,10 @@ def target_check(judgement: dict, recall: dict) -> dict[str, bool]:
 
 def smallest_passing(checks: dict[str, dict[str, bool]], n_params: dict[str, int]) -> str | None:
     """The model with the fewest parameters whose checks all pass, or None."""
-    passing = [name for name, c in checks.items() if all(c.values())]
-    return min(passing, key=lambda n: n_params[n]) if passing else None
+    if not checks:
+        return None
+    name, missed = choose_default(checks, n_params)
+    return None if missed else name
 
 
 def choose_default(checks: dict[str, dict[str, bool]], n_params: dict[str, int]) -> tuple[str, list[str]]:
