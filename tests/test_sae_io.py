@@ -10,7 +10,7 @@ from lib.sae.base import SAEConfig, make_sae
 from lib.sae.io import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, save_sae
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae_lens is a test dependency (pip install -e .[dev])")
-ARCHS = ["relu", "topk", "jumprelu", "gated", "gated_noaux"]
+ARCHS = ["relu", "topk", "jumprelu", "gated", "gated_noaux", "batchtopk"]
 HOOK = "blocks.1.hook_resid_post"
 
 
@@ -23,6 +23,9 @@ def _trained_looking(arch: str):
         sae.b_enc.copy_(0.1 * torch.randn(40))
         if arch == "jumprelu":
             sae.threshold.copy_(0.3 * torch.rand(40))
+        if arch == "batchtopk":  # one learned threshold, used at inference (eval mode)
+            sae.threshold.fill_(0.15)
+            sae.eval()
         if arch.startswith("gated"):
             sae.r_mag.copy_(0.2 * torch.randn(40))
             sae.b_mag.copy_(0.1 * torch.randn(40))
@@ -47,7 +50,7 @@ def test_ours_loads_in_saelens_with_same_outputs(tmp_path, arch):
     sae = _trained_looking(arch)
     save_sae(sae, tmp_path / "sae")
     theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")
-    assert theirs.cfg.architecture() == {"relu": "standard", "gated_noaux": "gated"}.get(arch, arch)
+    assert theirs.cfg.architecture() == {"relu": "standard", "gated_noaux": "gated", "batchtopk": "jumprelu"}.get(arch, arch)
     assert theirs.cfg.metadata.hook_name == HOOK
     x = torch.randn(30, 12)
     with torch.no_grad():

@@ -16,7 +16,11 @@ Architectures (``SAEConfig.architecture``):
 
 - ``"relu"``: ReLU latents, L1 sparsity penalty (Bricken et al. 2023; SAELens's "standard").
 - ``"topk"``: keep the ``k`` largest pre-activations per token (ReLU'd), no sparsity penalty; an
-  AuxK loss (Gao et al. 2024) teaches dead latents to model the residual.
+  AuxK loss (Gao et al. 2024) teaches dead latents to model the residual.  Trained through the
+  sparse kernels of :mod:`lib.sae.sparse` (``cfg.sparse_decode``; the dense path is the reference).
+- ``"batchtopk"``: keep the ``B * k`` largest pre-activations of the whole batch (Bussmann et al.
+  2024); at inference a single threshold, a running average of the smallest kept value, replaces
+  the batch (saved in SAELens's format as a JumpReLU SAE with that threshold for every latent).
 - ``"jumprelu"``: ``f = z * (z > threshold)`` with a learned per-latent threshold, trained with a
   straight-through estimator and an L0 penalty (Rajamanoharan et al. 2024).
 
@@ -33,6 +37,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from lib.sae import sparse
 
 RECON_LOSSES = ("mse", "mse_batch_var", "l2")
 
@@ -52,6 +58,7 @@ class SAEConfig:
     normalize_decoder: bool = True  # keep each decoder row at unit norm during training
     context_size: int | None = None  # tokens per context in training (metadata, saved with the SAE)
     prepend_bos: bool = True  # whether training contexts started with BOS (metadata)
+    sparse_decode: bool = True  # topk / batchtopk: train through the sparse kernels of lib.sae.sparse (False: dense reference)
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -204,13 +211,22 @@ class SAE(nn.Module):
         - ``"l2"``: ``mean_t ||x_hat - x||_2`` (the unsquared norm: scales like the L1 term).
 
         Keys: ``loss``, ``recon``, ``mse`` (always the summed MSE, detached), ``sparsity``,
-        ``aux``, ``features`` [batch, d_sae] and ``x_hat`` (both detached).  Statistics such as
+        ``aux``, ``features`` [batch, d_sae] and ``x_hat`` (both detached).  The sparse path of
+        TopK / BatchTopK returns ``features`` as a sparse COO tensor and adds ``fired`` [d_sae]
+        (bool) and ``l0`` (mean active latents per token), which it gets for free.  Statistics such as
         L0 are left to the caller (the trainer computes them only on logging steps: counting
         non-zeros over a [batch, d_sae] tensor costs as much as a small matmul on a CPU).
         """
         self._check_input(x)
         f, pre = self.training_features(x)
         x_hat = self.decode(f)
+        sparsity = self.sparsity_penalty(f, pre)
+        aux = self.aux_loss(x, x_hat, pre, dead_mask)
+        return self._loss_terms(x, x_hat, sparsity_coefficient, recon, sparsity, aux, f.detach())
+
+    @staticmethod
+    def _loss_terms(x, x_hat, sparsity_coefficient, recon, sparsity, aux, features) -> dict[str, torch.Tensor]:
+        """The dict :meth:`loss` returns, from the reconstruction and the penalty terms."""
         sq = (x_hat - x).pow(2).sum(-1)
         if recon == "mse":
             recon_term = sq.mean()
@@ -220,8 +236,6 @@ class SAE(nn.Module):
             recon_term = (sq + 1e-12).sqrt().mean()
         else:
             raise ValueError(f"recon must be one of {RECON_LOSSES}, got {recon!r}")
-        sparsity = self.sparsity_penalty(f, pre)
-        aux = self.aux_loss(x, x_hat, pre, dead_mask)
         total = recon_term + sparsity_coefficient * sparsity + aux
         return {
             "loss": total,
@@ -229,7 +243,7 @@ class SAE(nn.Module):
             "mse": sq.mean().detach(),
             "sparsity": sparsity,
             "aux": aux,
-            "features": f.detach(),
+            "features": features,
             "x_hat": x_hat.detach(),
         }
 
@@ -262,20 +276,94 @@ class TopKSAE(SAE):
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
+    def select(self, pre: torch.Tensor):
+        """The active entries of ``pre`` [B, d_sae] for the sparse path: ``(Pattern, values)``."""
+        return sparse.topk_pattern(pre, self.cfg.k)
+
     def sparsity_penalty(self, f: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return f.new_zeros(())
+
+    def aux_k(self, dead_mask: torch.Tensor) -> int:
+        return min(self.cfg.d_in // 2, int(dead_mask.sum()))
 
     def aux_loss(self, x, x_hat, pre, dead_mask):
         """``||e - W_dec^T topk_aux(pre over dead latents)||^2`` with ``e = x - x_hat`` detached."""
         if dead_mask is None or not bool(dead_mask.any()):
             return x.new_zeros(())
-        n_dead = int(dead_mask.sum())
-        k_aux = min(self.cfg.d_in // 2, n_dead)
         masked = pre.masked_fill(~dead_mask, float("-inf"))
-        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+        vals, idx = masked.topk(self.aux_k(dead_mask), dim=-1, sorted=False)
         f_aux = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
         residual = (x - x_hat).detach()
         return self.aux_k_coefficient * (f_aux @ self.W_dec - residual).pow(2).sum(-1).mean()
+
+    def loss(self, x: torch.Tensor, sparsity_coefficient: float = 0.0, recon: str = "mse",
+             dead_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """As :meth:`SAE.loss`; with ``cfg.sparse_decode`` through the sparse kernels (same values and gradients)."""
+        if not self.cfg.sparse_decode:
+            return super().loss(x, sparsity_coefficient, recon, dead_mask)
+        self._check_input(x)
+        x_c = x - self.b_dec
+        with torch.no_grad():  # the one dense matmul: every pre-activation, only to choose the active ones
+            pre = x_c @ self.W_enc + self.b_enc
+            pattern, pre_vals = self.select(pre)
+        v = torch.relu(sparse.sparse_encode(x_c, self.W_enc, self.b_enc, pattern, pre_vals))
+        x_hat = sparse.sparse_decode(v, self.W_dec, pattern).to(x.dtype) + self.b_dec
+        aux = x.new_zeros(())
+        if dead_mask is not None and bool(dead_mask.any()):
+            with torch.no_grad():
+                aux_pattern, aux_pre = sparse.topk_pattern(pre.masked_fill(~dead_mask, float("-inf")),
+                                                           self.aux_k(dead_mask))
+            v_aux = torch.relu(sparse.sparse_encode(x_c, self.W_enc, self.b_enc, aux_pattern, aux_pre))
+            residual = (x - x_hat).detach()
+            aux = self.aux_k_coefficient * (sparse.sparse_decode(v_aux, self.W_dec, aux_pattern)
+                                            - residual).pow(2).sum(-1).mean()
+        del pre
+        active = v.detach() > 0
+        out = self._loss_terms(x, x_hat, sparsity_coefficient, recon, x.new_zeros(()), aux,
+                               pattern.coo(v.detach()))
+        out["fired"] = torch.bincount(pattern.cols[active], minlength=self.cfg.d_sae) > 0
+        out["l0"] = active.sum() / x.shape[0]
+        return out
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK (Bussmann et al. 2024): the ``B * k`` largest pre-activations of a batch, ReLU'd.
+
+    In training the batch decides; in ``eval()`` mode ``f = pre * (pre > threshold)`` with the
+    threshold a running average (set by the first batch, then momentum ``threshold_momentum``) of
+    the smallest positive kept value, stored for every latent (``threshold`` [d_sae], a buffer) so that the SAE saves as
+    the JumpReLU SAE it is at inference.
+    """
+
+    threshold_momentum = 0.01
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=getattr(torch, cfg.dtype)))
+
+    def select(self, pre: torch.Tensor):
+        pattern, vals = sparse.batch_topk_pattern(pre, self.cfg.k)
+        if self.training:
+            self._update_threshold(vals)
+        return pattern, vals
+
+    @torch.no_grad()
+    def _update_threshold(self, vals: torch.Tensor) -> None:
+        positive = vals[vals > 0]
+        if positive.numel():
+            smallest = positive.min().to(self.threshold.dtype)
+            if bool((self.threshold == 0).all()):  # the first batch sets it, later ones average in
+                self.threshold.fill_(smallest)
+            else:
+                m = self.threshold_momentum
+                self.threshold.mul_(1 - m).add_(m * smallest)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            pattern, vals = self.select(pre)
+            return pattern.dense(vals.relu())
+        return pre * (pre > self.threshold.clamp_min(0)).to(pre.dtype)
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:

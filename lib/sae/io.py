@@ -35,7 +35,8 @@ FORMAT_VERSION = "6.0.0"  # the SAELens on-disk format version these files follo
 
 # our architecture name -> SAELens's
 TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
-              "gated_noaux": "gated"}  # the no-aux ablation differs in training only
+              "gated_noaux": "gated",  # the no-aux ablation differs in training only
+              "batchtopk": "jumprelu"}  # at inference a BatchTopK SAE is a JumpReLU SAE with one threshold
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 # per SAELens architecture: {our parameter name: SAELens's}
 RENAMES = {"gated": {"b_enc": "b_gate"}}
@@ -167,7 +168,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
     if missing:
         raise KeyError(f"{w_path} lacks {sorted(missing)} needed by a {cfg.architecture!r} SAE")
     sae.load_state_dict({k: v for k, v in state.items() if k in sae.state_dict()})
-    return sae.to(device)
+    return sae.to(device).eval()  # inference mode (BatchTopK then uses its threshold, not the batch)
 
 
 def _fold_saelens_options(d: dict, cfg: SAEConfig, state: dict) -> dict:

@@ -202,7 +202,10 @@ class Trainer:
             sae.apply_constraints_()
 
             f = out["features"]
-            fired = f.sum(0) > 0 if sae.nonnegative_latents else (f != 0).any(0)  # the sum is one cheap pass
+            if "fired" in out:  # the sparse path knows its active latents
+                fired = out["fired"]
+            else:
+                fired = f.sum(0) > 0 if sae.nonnegative_latents else (f != 0).any(0)  # the sum is one cheap pass
             self.tokens_since_fired += len(x)
             self.tokens_since_fired[fired] = 0
             self.step = step + 1
@@ -212,7 +215,7 @@ class Trainer:
                 self.resample_dead(x)
             if self.step % cfg.log_every == 0 or self.step == cfg.n_steps:
                 rec = {"step": self.step, "loss": out["loss"].item(), "mse": out["mse"].item(),
-                       "l0": (f != 0).sum(-1).float().mean().item(), "frac_alive": 1.0 - float(self.dead_mask.float().mean()),
+                       "l0": float(out["l0"]) if "l0" in out else (f != 0).sum(-1).float().mean().item(), "frac_alive": 1.0 - float(self.dead_mask.float().mean()),
                        "lr": self.lr_at(step), "coefficient": self.coefficient_at(step)}
                 self.history.append(rec)
                 bar.set_postfix(l0=f"{rec['l0']:.1f}", mse=f"{rec['mse']:.3g}", alive=f"{rec['frac_alive']:.2f}")
