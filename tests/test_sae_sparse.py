@@ -9,9 +9,10 @@ from lib.sae.base import SAEConfig, make_sae
 from lib.sae.trainer import Trainer, TrainConfig
 
 D_IN, D_SAE, K = 16, 96, 5
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
-def _pair(arch: str, **kw):
+def _pair(arch: str, device: str = "cpu", **kw):
     """The same SAE twice: sparse kernels and dense reference, with non-trivial biases."""
     saes = []
     for sparse_decode in (True, False):
@@ -20,7 +21,7 @@ def _pair(arch: str, **kw):
         with torch.no_grad():
             sae.b_dec.copy_(torch.linspace(-0.5, 0.5, D_IN))
             sae.b_enc.copy_(torch.linspace(-0.2, 0.2, D_SAE))
-        saes.append(sae)
+        saes.append(sae.to(device))
     return saes
 
 
@@ -31,14 +32,15 @@ def _grads(sae, x, dead_mask=None):
     return out, grads
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_sparse_and_dense_paths_agree_in_loss_and_every_gradient(arch, with_dead):
-    fast, ref = _pair(arch)
-    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(1)) * 2
+def test_sparse_and_dense_paths_agree_in_loss_and_every_gradient(arch, with_dead, device):
+    fast, ref = _pair(arch, device)
+    x = (torch.randn(64, D_IN, generator=torch.Generator().manual_seed(1)) * 2).to(device)
     dead = None
     if with_dead:  # a third of the latents dead: the AuxK term runs through the sparse kernels too
-        dead = torch.zeros(D_SAE, dtype=torch.bool)
+        dead = torch.zeros(D_SAE, dtype=torch.bool, device=device)
         dead[::3] = True
     out_s, g_s = _grads(fast, x, dead)
     out_d, g_d = _grads(ref, x, dead)

@@ -321,7 +321,9 @@ class TopKSAE(SAE):
         active = v.detach() > 0
         out = self._loss_terms(x, x_hat, sparsity_coefficient, recon, x.new_zeros(()), aux,
                                pattern.coo(v.detach()))
-        out["fired"] = torch.bincount(pattern.cols[active], minlength=self.cfg.d_sae) > 0
+        # (an accumulating index_put, not a boolean index: deterministic and no synchronisation on a GPU)
+        out["fired"] = x.new_zeros(self.cfg.d_sae, dtype=torch.float32).index_put_(
+            (pattern.cols,), active.float(), accumulate=True) > 0
         out["l0"] = active.sum() / x.shape[0]
         return out
 

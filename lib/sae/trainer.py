@@ -39,6 +39,7 @@ from typing import Iterator
 import torch
 
 from lib.results import atomic_output
+from lib.sae import distributed as dd
 from lib.sae.base import SAE, SAEConfig, make_sae, positive_int
 from lib.utils import progress
 
@@ -133,13 +134,15 @@ class Trainer:
     def __init__(self, sae: SAE, data: Iterator[torch.Tensor], cfg: TrainConfig, resume: bool = True):
         self.sae, self.data, self.cfg = sae, data, cfg
         self.device = next(sae.parameters()).device
-        self.opt = torch.optim.Adam(param_groups(sae, cfg.bias_lr_scale), lr=cfg.lr, betas=cfg.adam_betas)
+        self.opt = torch.optim.Adam(param_groups(sae, cfg.bias_lr_scale), lr=cfg.lr, betas=cfg.adam_betas,
+                                    fused=self.device.type == "cuda")  # one kernel for all parameters on a GPU
         self.step = 0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
         self.history: list[dict] = []
         self.n_resampled = 0
         self._gen = torch.Generator().manual_seed(cfg.seed)
-        self._loss_fn = torch.compile(sae.loss) if cfg.compile else sae.loss
+        self.world = dd.current()  # several processes under torchrun: see lib.sae.distributed
+        self._loss_fn = dd.wrap(sae, torch.compile(sae.loss) if cfg.compile else None, self.world)
         ckpt = self.checkpoint_path
         self._data_fp = data_fingerprint(data) if ckpt is not None else None
         if resume and ckpt is not None and ckpt.exists():
@@ -164,12 +167,14 @@ class Trainer:
         return self.tokens_since_fired >= self.cfg.dead_after_tokens
 
     # --- the loop ------------------------------------------------------------------------------
-    def fit(self) -> list[dict]:
-        cfg, sae = self.cfg, self.sae
+    def fit(self, stop_at: int | None = None) -> list[dict]:
+        """Train to ``cfg.n_steps`` (or stop after step ``stop_at``, checkpointed, to resume later)."""
+        cfg, sae, world = self.cfg, self.sae, self.world
         autocast = (torch.autocast(self.device.type, dtype=getattr(torch, cfg.autocast_dtype))
                     if cfg.autocast_dtype else contextlib.nullcontext())
-        bar = progress(range(self.step, cfg.n_steps), desc=f"SAE {sae.cfg.hook_name}", initial=self.step,
-                       total=cfg.n_steps)
+        end = cfg.n_steps if stop_at is None else min(cfg.n_steps, stop_at)
+        bar = progress(range(self.step, end), desc=f"SAE {sae.cfg.hook_name}", initial=self.step,
+                       total=cfg.n_steps, **({} if world.is_main else {"disable": True}))
         sae.train()
         for step in bar:
             try:
@@ -185,7 +190,7 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             if step == 0 and cfg.init_b_dec == "mean":
                 with torch.no_grad():
-                    sae.b_dec.copy_(x.float().mean(0))
+                    sae.b_dec.copy_(dd.mean(x.float().mean(0), world))
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(step) * group["lr_scale"]
             coefficient = self.coefficient_at(step)
@@ -206,20 +211,22 @@ class Trainer:
                 fired = out["fired"]
             else:
                 fired = f.sum(0) > 0 if sae.nonnegative_latents else (f != 0).any(0)  # the sum is one cheap pass
-            self.tokens_since_fired += len(x)
-            self.tokens_since_fired[fired] = 0
+            fired = dd.any_fired(fired, world)
+            # (torch.where, not a boolean index: no host-device synchronisation on a GPU)
+            self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + len(x) * world.size)
             self.step = step + 1
 
             if cfg.resample_every and self.step % cfg.resample_every == 0 \
                     and self.step < cfg.resample_until_frac * cfg.n_steps:
                 self.resample_dead(x)
             if self.step % cfg.log_every == 0 or self.step == cfg.n_steps:
-                rec = {"step": self.step, "loss": out["loss"].item(), "mse": out["mse"].item(),
+                rec = {"step": self.step, "loss": float(dd.mean(out["loss"], world)),
+                       "mse": float(dd.mean(out["mse"], world)),
                        "l0": float(out["l0"]) if "l0" in out else (f != 0).sum(-1).float().mean().item(), "frac_alive": 1.0 - float(self.dead_mask.float().mean()),
                        "lr": self.lr_at(step), "coefficient": self.coefficient_at(step)}
                 self.history.append(rec)
                 bar.set_postfix(l0=f"{rec['l0']:.1f}", mse=f"{rec['mse']:.3g}", alive=f"{rec['frac_alive']:.2f}")
-            if self.checkpoint_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.n_steps):
+            if self.checkpoint_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step in (end, cfg.n_steps)):
                 self.save_checkpoint()
         sae.eval()
         return self.history
@@ -232,6 +239,7 @@ class Trainer:
         dead = self.dead_mask.nonzero().squeeze(-1)
         if len(dead) == 0:
             return 0
+        x = dd.gather_rows(x, self.world)  # every rank resamples towards the same (global) batch
         err = (sae(x.float()) - x.float()).pow(2).sum(-1)
         if float(err.sum()) <= 0:
             return 0
@@ -266,6 +274,10 @@ class Trainer:
         return Path(self.cfg.checkpoint_dir) / CHECKPOINT_NAME if self.cfg.checkpoint_dir else None
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes (atomically); the others wait for it, so a resumed run finds the file whole."""
+        if not self.world.is_main:
+            dd.barrier(self.world)
+            return self.checkpoint_path
         state = {
             "sae_cfg": self.sae.cfg.to_dict(),
             "sae": self.sae.state_dict(),
@@ -281,6 +293,7 @@ class Trainer:
         }
         with atomic_output(self.checkpoint_path) as tmp:  # never a half-written checkpoint
             torch.save(state, tmp)
+        dd.barrier(self.world)
         return self.checkpoint_path
 
     def load_checkpoint(self, path: Path) -> None:

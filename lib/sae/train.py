@@ -1,0 +1,135 @@
+"""Train an SAE from a config file, in one process or several (``torchrun``).
+
+    python -m lib.sae.train --config run.json                       # one process
+    torchrun --standalone --nproc_per_node 4 -m lib.sae.train --config run.json   # 4 ranks, one machine
+
+``run.json`` (paths relative to the file)::
+
+    {"sae":   {"d_in": 128, "d_sae": 4096, "architecture": "topk", "k": 32, "hook_name": "blocks.1.hook_resid_post"},
+     "train": {"total_tokens": 20000000, "batch_size": 4096, "lr": 3e-4, "checkpoint_dir": "ckpt"},
+     "data":  {"activations": "acts.pt"},          # a saved [n_tokens, d_in] tensor, or:
+     # "data": {"model": "toy-4l", "texts": "corpus.txt", "context_size": 128},  # harvested on the fly
+     "device": "cpu",                                # "cuda": one GPU per rank (nccl)
+     "out": "sae"}                                   # written by rank 0 in SAELens's format
+
+``train.batch_size`` is the *global* batch: with N ranks each takes ``batch_size / N`` rows of it.
+From saved activations every rank draws the same shuffled global batches and keeps its own rows
+(a run on N ranks follows the one-process run: ``tests/test_sae_distributed.py``); from a model,
+rank ``r`` reads texts ``r, r + N, ...``.  With ``checkpoint_dir`` set, a run that was stopped
+(``--stop-at STEP``, a pre-emption, a crash) resumes where its last checkpoint left off when
+started again with the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from lib.sae import distributed as dd
+from lib.sae.base import SAEConfig, make_sae
+from lib.sae.buffer import ActivationBuffer, BufferConfig, TensorSource
+from lib.sae.io import save_sae
+from lib.sae.trainer import Trainer, TrainConfig
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No SAE training config at {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    missing = [k for k in ("sae", "train", "data") if k not in cfg]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: a config has 'sae', 'train' and 'data' sections (see lib/sae/train.py)")
+    cfg["_base"] = str(path.resolve().parent)
+    return cfg
+
+
+def _path(cfg: dict, p: str | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(p)
+    return p if p.is_absolute() else Path(cfg["_base"]) / p
+
+
+def make_data(cfg: dict, world: dd.World, device: torch.device):
+    """This rank's batches: its rows of the shared global batches, or its texts through a model."""
+    data, batch = cfg["data"], int(cfg["train"].get("batch_size", 4096))
+    if batch % world.size:
+        raise ValueError(f"train.batch_size {batch} does not divide over {world.size} processes")
+    seed = int(cfg["train"].get("seed", 0))
+    if "activations" in data:
+        acts = torch.load(_path(cfg, data["activations"]), map_location="cpu", weights_only=True)
+        source = TensorSource(acts, batch, seed=seed, device=device, scale=float(data.get("scale", 1.0)))
+        return dd.ShardedBatches(source, world) if world.distributed else source
+    if "model" in data:
+        from lib.models import load_model
+
+        texts = [t for t in _path(cfg, data["texts"]).read_text().splitlines() if t.strip()][world.rank::world.size]
+        model = load_model(data["model"], device=str(device))
+        bcfg = BufferConfig(hook_name=cfg["sae"]["hook_name"], context_size=int(data.get("context_size", 128)),
+                            batch_size=batch // world.size, seed=seed + world.rank)
+        return ActivationBuffer(model, texts, bcfg)
+    raise ValueError("data needs 'activations' (a saved [n, d_in] tensor) or 'model' and 'texts'")
+
+
+def run(cfg: dict, stop_at: int | None = None, device: str | None = None) -> list[dict]:
+    world, dev = dd.init_from_env(device or cfg.get("device", "cpu"))
+    try:
+        train = dict(cfg["train"])
+        if train.get("checkpoint_dir"):
+            train["checkpoint_dir"] = str(_path(cfg, train["checkpoint_dir"]))
+        tcfg = TrainConfig(**train)
+        sae = make_sae(SAEConfig(**cfg["sae"]), seed=tcfg.seed).to(dev)
+        trainer = Trainer(sae, make_data(cfg, world, dev), tcfg)
+        history = trainer.fit(stop_at=stop_at)
+        if world.is_main and cfg.get("out") and trainer.step >= tcfg.n_steps:
+            out = _path(cfg, cfg["out"])
+            save_sae(sae.to("cpu"), out)
+            (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        dd.barrier(world)
+        return history
+    finally:
+        dd.shutdown()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="the run's JSON config")
+    ap.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; run again to resume)")
+    ap.add_argument("--device", default=None, help="override the config's device")
+    args = ap.parse_args(argv)
+    run(load_config(args.config), stop_at=args.stop_at, device=args.device)
+    return 0
+
+
+def launch(config: str | Path, nproc: int = 1, stop_at: int | None = None, extra: list[str] | None = None):
+    """Run ``lib.sae.train`` on ``config`` in ``nproc`` processes (``torchrun --standalone``) and wait.
+
+    For notebooks: ``launch("run.json", nproc=2)``; raises with the processes' output when one fails.
+    """
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lib.sae.train", "--config", str(config)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "lib.sae.train", "--config", str(config)]
+    if stop_at is not None:
+        cmd += ["--stop-at", str(stop_at)]
+    cmd += extra or []
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"SAE training ({nproc} process{'es' if nproc > 1 else ''}) failed with exit code "
+                           f"{proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
