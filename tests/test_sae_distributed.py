@@ -86,3 +86,16 @@ def test_a_failed_run_reports_the_processes_error(tmp_path):
                                "data": {"activations": "missing.pt"}}))
     with pytest.raises(RuntimeError, match="failed with exit code"):
         launch(cfg, nproc=2)
+
+
+def test_train_on_with_two_processes_gives_the_one_process_sae():
+    """The notebooks' ``sae_processes`` parameter: lib.sae.recipe.train_on(..., processes=2)."""
+    from lib.sae.recipe import train_on
+
+    acts = torch.randn(1024, D_IN, generator=torch.Generator().manual_seed(3))
+    kw = dict(total_tokens=16 * BATCH, batch_size=BATCH, seed=1, architecture="topk", sae_kwargs={"k": 4})
+    one = train_on(acts, "blocks.0.hook_resid_post", D_SAE, 0.0, **kw)
+    two = train_on(acts, "blocks.0.hook_resid_post", D_SAE, 0.0, processes=2, **kw)
+    assert two.cfg == one.cfg
+    for name, value in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], value, atol=2e-5, rtol=1e-4, msg=name)

@@ -131,5 +131,31 @@ def launch(config: str | Path, nproc: int = 1, stop_at: int | None = None, extra
     return proc
 
 
+def train_in_processes(sae_cfg: SAEConfig, train_cfg: TrainConfig, acts: torch.Tensor, nproc: int,
+                       device: str = "cpu", workdir: str | Path | None = None):
+    """Train on ``acts`` [n, d_in] in ``nproc`` data-parallel processes; return ``(sae, history)``.
+
+    What a notebook calls for its ``sae_processes`` parameter: the activations and a config go to
+    ``workdir`` (a temporary folder by default), ``torchrun`` trains, rank 0's SAE is loaded back.
+    The same seed and global batch give the SAE a one-process run gives (within float rounding).
+    """
+    import dataclasses
+    import tempfile
+
+    from lib.sae.io import load_sae
+
+    with tempfile.TemporaryDirectory(prefix="sae_ddp_") as tmp:
+        folder = Path(workdir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(acts.detach().cpu(), folder / "acts.pt")
+        cfg = {"sae": sae_cfg.to_dict(), "train": dataclasses.asdict(train_cfg), "data": {"activations": "acts.pt"},
+               "device": str(device), "out": "sae"}
+        (folder / "run.json").write_text(json.dumps(cfg, indent=1))
+        launch(folder / "run.json", nproc=nproc)
+        sae = load_sae(folder / "sae", device=device)
+        history = json.loads((folder / "sae" / "history.json").read_text())
+    return sae, history
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
