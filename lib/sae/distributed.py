@@ -143,7 +143,7 @@ def any_fired(fired: torch.Tensor, world: World) -> torch.Tensor:
 def mean(t: torch.Tensor, world: World) -> torch.Tensor:
     """The mean of ``t`` over ranks (equal shard sizes: the global-batch mean of per-rank means)."""
     if not world.distributed:
-        return t
+        return t.detach()
     t = t.detach().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / world.size
