@@ -6,15 +6,18 @@ Two paths share one encoder direction ``W_gate = W_enc`` [d_in, d_sae]:
 - magnitude: ``pi_mag  = (x - b_dec) @ (W_enc * exp(r_mag)) + b_mag``  (per-latent rescaling ``r_mag``)
 
 and the latents are ``f = 1[pi_gate > 0] * relu(pi_mag)``.  The Heaviside step passes no
-gradient, so the gate path learns only through the two extra loss terms:
+gradient, but ``W_gate`` is tied to the magnitude path's weights (``W_mag = W_enc * exp(r_mag)``),
+so the shared ``W_enc`` does receive the reconstruction gradient through ``pi_mag``; only the
+gate's bias ``b_enc`` (``b_gate``) learns solely through the two extra loss terms:
 
     L = ||x - x_hat(f)||^2                                           (reconstruction)
       + lambda * sum_i relu(pi_gate)_i * ||W_dec[i]||                 (sparsity, on the gate)
       + ||x - (relu(pi_gate) @ sg(W_dec) + sg(b_dec))||^2             (auxiliary, frozen decoder)
 
 ``sg`` is stop-gradient (``detach``).  ``aux=False`` (or ``architecture="gated_noaux"``) drops the
-auxiliary term: the ablation of notebook 04, where the gate's only training signal left is the
-sparsity penalty, which pushes every ``pi_gate`` down.
+auxiliary term: the ablation of notebook 04, where the gate's bias is then trained by the
+sparsity penalty alone, which pushes every ``pi_gate`` down (``W_enc`` still learns through the
+magnitude path).
 
 Parameters follow the base layout (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``) plus ``r_mag`` and
 ``b_mag`` [d_sae], so the trainer, metrics and splicing take it unchanged.
