@@ -12,7 +12,7 @@ with ``phi = lambda / d_model`` and L1 summed over latents, averaged over tokens
 
 >>> setup = prepare_e2e("toy-4l", layers=[0, 1], n_train_docs=200, n_eval_docs=40, context_size=128)
 >>> row = run_one(setup, Run(layer=1, objective="e2e", lam=4.0, ratio=8, steps=100))
->>> matched = match_along_curves({"local": rows_l, "e2e": rows_e}, "ce_increase", 0.05, "l0")
+>>> table = matched({"local": rows_l, "e2e": rows_e}, "ce_increase")  # L0, alive, MSE... at one CE increase
 
 Every SAE is scored by :func:`lib.sae.metrics.evaluate` on the same held-out tokens: L0, alive
 fraction, MSE (reported averaged over elements), CE clean / spliced / zero-ablated, the KL and the
@@ -163,17 +163,21 @@ def frontier(rows: Sequence[dict], x: str = "ce_increase", y: str = "l0") -> tup
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
-def interpolate(rows: Sequence[dict], x: str, at: float, y: str, log_x: bool = True) -> float:
-    """``y`` at ``x = at`` by linear interpolation along the curve (in ``log x`` when ``log_x``);
-    NaN outside the range the sweep covered (no extrapolation)."""
+def interpolate(rows: Sequence[dict], x: str, at: float, y: str, log_y: bool | None = None) -> float:
+    """``y`` at ``x = at`` by linear interpolation along the curve in ``log x`` (and ``log y`` for
+    ``l0``, ``mse``, ``kl``, ``ce_increase``, ``downstream_mse``: positive quantities spanning decades;
+    fractions are interpolated linearly).  NaN outside the range the sweep covered (no extrapolation)."""
     xs, ys = frontier(rows, x, y)
-    if len(xs) == 0 or not (xs[0] <= at <= xs[-1]):
+    if len(xs) == 0 or at <= 0 or xs[0] <= 0 or not (xs[0] <= at <= xs[-1]):
         return float("nan")
-    if log_x:
-        if at <= 0 or xs[0] <= 0:
-            return float("nan")
-        xs, at = np.log(xs), math.log(at)
-    return float(np.interp(at, xs, ys))
+    log_y = (y in LOG_QUANTITIES) if log_y is None else log_y
+    if log_y:
+        return float(np.exp(np.interp(math.log(at), np.log(xs), np.log(ys))))
+    return float(np.interp(math.log(at), np.log(xs), ys))
+
+
+LOG_QUANTITIES = ("l0", "mse", "kl", "ce_increase", "downstream_mse")
+MEASURES = ("l0", "alive_fraction", "ce_increase", "ce_recovered", "mse", "kl", "downstream_mse")
 
 
 def overlap(curves: dict[str, Sequence[dict]], x: str) -> tuple[float, float]:
@@ -183,14 +187,114 @@ def overlap(curves: dict[str, Sequence[dict]], x: str) -> tuple[float, float]:
     return lo, hi
 
 
-def match_along_curves(curves: dict[str, Sequence[dict]], x: str, at: float, ys: Sequence[str]) -> dict:
-    """``{objective: {y: value at x = at}}`` for each objective's curve (see :func:`interpolate`)."""
-    ys = [ys] if isinstance(ys, str) else list(ys)
-    return {obj: {y: interpolate(rows, x, at, y) for y in ys} for obj, rows in curves.items()}
-
-
 def geometric_middle(lo: float, hi: float) -> float:
     return float(math.sqrt(lo * hi)) if lo > 0 and hi > 0 else (lo + hi) / 2
+
+
+def select(rows: Sequence[dict], **where) -> list[dict]:
+    """The rows whose keys equal ``where`` (e.g. ``layer=1, ratio=60, seed=0``)."""
+    return [r for r in rows if all(r[k] == v for k, v in where.items())]
+
+
+def by_objective(rows: Sequence[dict], objectives: Sequence[str] = OBJECTIVES) -> dict[str, list[dict]]:
+    return {obj: [r for r in rows if r["objective"] == obj] for obj in objectives if any(r["objective"] == obj for r in rows)}
+
+
+def matched(curves: dict[str, Sequence[dict]], x: str, at: float | None = None,
+            measures: Sequence[str] = MEASURES) -> dict:
+    """Every objective's ``measures`` at ``x = at`` along its own curve; ``at`` defaults to the
+    geometric middle of the range all curves cover.  ``{"x": x, "at": at, "range": [lo, hi],
+    objective: {measure: value}}``."""
+    lo, hi = overlap(curves, x)
+    at = geometric_middle(lo, hi) if at is None else at
+    out = {"x": x, "at": at, "range": [lo, hi]}
+    for obj, rows in curves.items():
+        out[obj] = {m: interpolate(rows, x, at, m) for m in measures if m != x}
+    return out
+
+
+def across_seeds(rows: Sequence[dict], x: str, y: str, objectives: Sequence[str], at: float | None = None) -> dict:
+    """``y`` at ``x = at`` for each seed's curve of each objective, one common ``at`` (default: the
+    geometric middle of the range every seed's curve of every objective covers); with mean and std."""
+    seeds = sorted({r["seed"] for r in rows if r["objective"] in objectives})
+    per = {(obj, s): select(rows, objective=obj, seed=s) for obj in objectives for s in seeds}
+    per = {k: v for k, v in per.items() if v}
+    if at is None:
+        at = geometric_middle(*overlap({f"{o}/{s}": v for (o, s), v in per.items()}, x))
+    out = {"x": x, "y": y, "at": at}
+    for obj in objectives:
+        vals = [interpolate(per[(obj, s)], x, at, y) for s in seeds if (obj, s) in per]
+        out[obj] = {"seeds": [s for s in seeds if (obj, s) in per], "values": vals,
+                    "mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")}
+    return out
+
+
+def layers_table(rows: Sequence[dict], keys: Sequence[str] = ("lambda", "ratio", "seed", "l0", "alive_fraction",
+                                                                "ce_increase", "ce_recovered", "mse", "kl",
+                                                                "downstream_mse", "seconds_per_step")) -> dict:
+    """``{layer: {objective: [{lambda, l0, alive_fraction, ce_increase, mse, seconds_per_step, ...}]}}``."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(str(r["layer"]), {}).setdefault(r["objective"], []).append({k: r[k] for k in keys if k in r})
+    return out
+
+
+def frontier_figure(rows: Sequence[dict], layers: Sequence[int], ratios: Sequence[int], seed: int = 0,
+                    marks: dict | None = None):
+    """L0 against CE increase (both log) per layer: one curve per objective and dictionary ratio."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    colors = {"local": "#1f77b4", "e2e": "#d62728", "e2e_ds": "#2ca02c"}
+    dashes = dict(zip(ratios, ("solid", "dash", "dot")))
+    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"{hook_name(la)}" for la in layers])
+    for col, layer in enumerate(layers, 1):
+        for ratio in ratios:
+            for obj, curve in by_objective(select(rows, layer=layer, ratio=ratio, seed=seed)).items():
+                xs, ys = frontier(curve, "ce_increase", "l0")
+                fig.add_scatter(x=xs, y=ys, mode="lines+markers", name=f"{obj}, {ratio} x d_model",
+                                line=dict(color=colors[obj], dash=dashes[ratio]), legendgroup=f"{obj}{ratio}",
+                                showlegend=col == 1, row=1, col=col)
+        for obj, (x, y) in (marks or {}).get(layer, {}).items():
+            fig.add_scatter(x=[x], y=[y], mode="markers", marker=dict(symbol="star", size=14, color=colors[obj]),
+                            name=f"{obj} at matched CE increase", legendgroup=f"m{obj}", showlegend=col == 1,
+                            row=1, col=col)
+    fig.update_xaxes(type="log", title_text="CE increase when spliced (nats)")
+    fig.update_yaxes(type="log", title_text="L0 (latents per token)")
+    fig.update_layout(title="Local vs end-to-end SAEs: latents needed for a given CE increase", height=460, width=1000)
+    return fig
+
+
+def compare_all(rows: Sequence[dict], layers: Sequence[int], ratios: Sequence[int], seed: int = 0) -> tuple[dict, dict]:
+    """``(matched_ce, matched_l0)``: :func:`matched` at the middle of the shared CE-increase range and
+    of the shared L0 range, for each layer and dictionary ratio (``{layer: {ratio: ...}}``)."""
+    ce, l0 = {}, {}
+    for layer in layers:
+        for ratio in ratios:
+            curves = by_objective(select(rows, layer=layer, ratio=ratio, seed=seed))
+            ce.setdefault(str(layer), {})[str(ratio)] = matched(curves, "ce_increase")
+            l0.setdefault(str(layer), {})[str(ratio)] = matched(curves, "l0")
+    return ce, l0
+
+
+def matched_frame(table: dict, measures: Sequence[str]):
+    """A DataFrame (layer, ratio, objective) x measures of :func:`compare_all`'s output."""
+    import pandas as pd
+
+    recs = []
+    for layer, by_ratio in table.items():
+        for ratio, m in by_ratio.items():
+            for obj in OBJECTIVES:
+                if obj in m:
+                    recs.append({"layer": int(layer), "ratio": int(ratio), "objective": obj, m["x"]: m["at"],
+                                 **{k: m[obj][k] for k in measures if k in m[obj]}})
+    return pd.DataFrame(recs).set_index(["layer", "ratio", "objective"])
+
+
+def load_sweep(path) -> dict:
+    """A committed sweep file (``data/sweeps/08_end_to_end_sae.json``): ``{"config", "rows", ...}``."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,14 +343,17 @@ class SweepConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train and measure notebook 08's sweep of local / e2e / e2e_ds SAEs.")
-    p.add_argument("--config", required=True, help="JSON file with SweepConfig fields")
+    p.add_argument("--config", required=True, help="JSON file with SweepConfig fields (or a sweep file whose "
+                   "'config' holds them, e.g. data/sweeps/08_end_to_end_sae.json)")
     p.add_argument("--docs", default=None, help="JSON (or .json.xz) {train: [...], eval: [...]} of documents "
                    "(default: generate them, as prepare does)")
     p.add_argument("--out", required=True, help="JSON-lines file to append one row per SAE to")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th SAE starting at i")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    cfg = SweepConfig(**json.loads(open(a.config).read()))
+    with open(a.config, encoding="utf-8") as fh:
+        given = json.load(fh)
+    cfg = SweepConfig(**given.get("config", given))  # a sweep config, or a committed sweep file holding one
     i, n = (int(v) for v in a.shard.split("/"))
     docs = None
     if a.docs:
