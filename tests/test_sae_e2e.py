@@ -168,3 +168,50 @@ def test_local_mse_mean_is_the_elementwise_mean():
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
     out = sae.loss(x, 0.0, recon="mse_mean")
     torch.testing.assert_close(out["recon"], torch.nn.functional.mse_loss(sae(x), x))
+
+
+def test_interpolation_along_curves_is_exact_on_power_laws_and_never_extrapolates():
+    from lib.sae.e2e import across_seeds, interpolate, matched, overlap
+
+    def curve(scale, seed=0, obj="local"):  # L0 = scale * dCE^-0.5: a straight line in log-log
+        return [{"objective": obj, "seed": seed, "ce_increase": c, "l0": scale * c ** -0.5, "alive_fraction": 1 - c}
+                for c in (0.01, 0.04, 0.16, 0.64)]
+
+    rows = curve(10.0)
+    assert abs(interpolate(rows, "ce_increase", 0.02, "l0") - 10.0 * 0.02 ** -0.5) < 1e-9
+    assert abs(interpolate(rows, "ce_increase", 0.02, "alive_fraction") - (1 - 0.01 - 0.03 * 0.5)) < 1e-12
+    assert interpolate(rows, "ce_increase", 0.005, "l0") != interpolate(rows, "ce_increase", 0.005, "l0")  # NaN
+    curves = {"local": rows, "e2e": [dict(r, ce_increase=r["ce_increase"] / 4, objective="e2e") for r in curve(2.0)]}
+    assert overlap(curves, "ce_increase") == (0.01, 0.16)
+    m = matched(curves, "ce_increase")
+    assert abs(m["at"] - 0.04) < 1e-12 and abs(m["local"]["l0"] - 50.0) < 1e-9
+    assert abs(m["e2e"]["l0"] - 2.0 * 0.16 ** -0.5) < 1e-9  # the e2e curve reached 0.04 at its own 0.16 point
+    seeds = across_seeds(curve(10.0, 0) + curve(12.0, 1) + curve(2.0, 0, "e2e") + curve(4.0, 1, "e2e"),
+                         "ce_increase", "l0", ["local", "e2e"], at=0.04)
+    assert seeds["local"]["values"] == pytest.approx([50.0, 60.0]) and seeds["e2e"]["mean"] == pytest.approx(15.0)
+    assert seeds["e2e"]["std"] == pytest.approx((2 * 5.0 ** 2) ** 0.5)
+
+
+def test_sweep_runs_put_the_headline_first():
+    from lib.sae.e2e import SweepConfig
+
+    cfg = SweepConfig(layers=[0, 1], ratios=[60, 8], lambdas={"local": [1, 2], "e2e": [1, 2], "e2e_ds": [4]},
+                      headline_seeds=[1, 2])
+    runs = cfg.runs()
+    assert len(runs) == 5 + 2 * 4 + 3 * 5
+    assert all((r.layer, r.ratio) == (1, 60) for r in runs[:13])
+    assert [r.seed for r in runs[:13]] == [0] * 5 + [1] * 4 + [2] * 4
+    assert len({(r.layer, r.ratio, r.objective, r.lam, r.seed) for r in runs}) == len(runs)
+
+
+def test_run_one_trains_and_measures_each_objective(tiny_bridges):
+    from lib.sae.e2e import Run, prepare_e2e, run_one
+
+    setup = prepare_e2e(tiny_bridges["neox"], [0], n_train_docs=8, n_eval_docs=3, context_size=40, docs=TEXT * 3)
+    for obj in ("local", "e2e", "e2e_ds"):
+        row = run_one(setup, Run(0, obj, 1.0, ratio=2, steps=3, seqs_per_step=2))
+        assert row["objective"] == obj and row["n_eval_tokens"] == setup.n_eval_tokens > 0
+        assert 0 < row["l0"] <= 64 and 0 < row["alive_fraction"] <= 1 and row["seconds_per_step"] > 0
+        assert abs((row["ce_zero_ablated"] - row["ce_clean"] - row["ce_increase"]) / (row["ce_zero_ablated"] - row["ce_clean"])
+                - row["ce_recovered"]) < 1e-9  # CE recovered = 1 - increase / (zero-ablated - clean)
+        assert row["downstream_mse"] >= 0 and row["kl"] >= 0

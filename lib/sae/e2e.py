@@ -209,7 +209,7 @@ def matched(curves: dict[str, Sequence[dict]], x: str, at: float | None = None,
     at = geometric_middle(lo, hi) if at is None else at
     out = {"x": x, "at": at, "range": [lo, hi]}
     for obj, rows in curves.items():
-        out[obj] = {m: interpolate(rows, x, at, m) for m in measures if m != x}
+        out[obj] = {m: interpolate(rows, x, at, m) for m in measures if m != x and all(m in r for r in rows)}
     return out
 
 
