@@ -21,6 +21,8 @@ Modules (one job each, dictionary_learning style):
 - ``shrinkage``: relative reconstruction bias gamma, closed forms and a numeric argmin.
 - ``ito``: inference-time optimization (gradient / matching pursuit) for a fixed decoder.
 - ``attribution``: exact patching, attribution patching and integrated gradients over latents.
+- ``e2e``: notebook 08's protocol: local vs end-to-end SAEs along their L0-vs-CE-increase curves
+  (``run_one``, ``matched``, ``across_seeds``) and the sharded sweep behind it (``python -m lib.sae.e2e``).
 """
 from lib.sae.base import ARCHITECTURES, SAE, JumpReLUSAE, SAEConfig, TopKSAE, make_sae, register
 from lib.sae.buffer import ActivationBuffer, BufferConfig, TensorSource, TokenSource
