@@ -10,6 +10,12 @@ sanity check of the seed ("plug the correct activations back in: do you get the 
 
 The hook is the replacement's own unless ``hook`` says otherwise: an SAE's ``cfg.hook_name``, or
 the ``hook_name`` attribute of a function (:func:`lib.sae.ito.code_replacement` sets one).
+
+End-to-end training (Braun et al. 2024) splices with gradients: :func:`clean_pass` runs the model
+once unmodified (the hook's activations, the logits, the downstream residuals), then
+:func:`e2e_loss` runs it again with the SAE's reconstruction spliced in and returns
+``KL(p_orig || p_spliced) + coefficient * L1 (+ downstream residual MSE)``, differentiable in the
+SAE's parameters through the frozen later layers.
 """
 from __future__ import annotations
 
