@@ -8,6 +8,7 @@ notebooks that names a hook goes through these functions.
 >>> hook_name(1)                      # 'blocks.1.hook_resid_post'
 >>> hook_name(0, "mlp_out")           # 'blocks.0.hook_mlp_out'
 >>> hook_layer("blocks.3.hook_attn_out")  # 3
+>>> downstream_resid_hooks(model, "blocks.1.hook_resid_post")  # ['blocks.2.hook_resid_post', 'blocks.3...']
 >>> check_hooks(model, ["blocks.9.hook_resid_post"])  # KeyError naming the hook and valid ones
 """
 from __future__ import annotations
@@ -35,6 +36,17 @@ def residual_stream_hooks(model) -> dict[str, str]:
     hooks = {"embed": hook_name(0, "resid_pre")}
     hooks.update({str(layer): hook_name(layer) for layer in range(model.cfg.n_layers)})
     return hooks
+
+
+def downstream_resid_hooks(model, hook: str) -> list[str]:
+    """The residual stream after every block that runs after ``hook``: ``blocks.{k}.hook_resid_post``
+    for ``k > l`` when ``hook`` is ``blocks.{l}.hook_resid_post``, and for ``k >= l`` when it is any
+    other hook of block ``l`` (``resid_pre``, ``attn_out``, ...), which that block still processes."""
+    layer = hook_layer(hook)
+    if layer is None:
+        raise ValueError(f"{hook!r} is not inside a block (blocks.{{l}}.hook_...): no downstream blocks to read")
+    first = layer + 1 if hook == hook_name(layer) else layer
+    return [hook_name(k) for k in range(first, model.cfg.n_layers)]
 
 
 def hook_layer(hook: str) -> int | None:

@@ -40,7 +40,7 @@ from torch import nn
 
 from lib.sae import sparse
 
-RECON_LOSSES = ("mse", "mse_batch_var", "l2")
+RECON_LOSSES = ("mse", "mse_mean", "mse_batch_var", "l2")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class SAEConfig:
     context_size: int | None = None  # tokens per context in training (metadata, saved with the SAE)
     prepend_bos: bool = True  # whether training contexts started with BOS (metadata)
     sparse_decode: bool = True  # topk / batchtopk: train through the sparse kernels of lib.sae.sparse (False: dense reference)
+    objective: str = "local"  # what it was trained to preserve: "local" | "e2e" | "e2e_ds" (metadata, set by the trainer)
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -207,6 +208,8 @@ class SAE(nn.Module):
         ``loss = recon + sparsity_coefficient * sparsity + aux`` where ``recon`` is
 
         - ``"mse"``: ``mean_t sum_d (x_hat - x)^2`` (summed over the activation dimension),
+        - ``"mse_mean"``: ``mean_t mean_d (x_hat - x)^2`` (averaged over elements: ``F.mse_loss``, the
+          convention of Braun et al. 2024, whose sparsity coefficient is ``lambda / d_in``),
         - ``"mse_batch_var"``: that divided by the batch variance ``mean_t sum_d (x - mean_t x)^2``,
         - ``"l2"``: ``mean_t ||x_hat - x||_2`` (the unsquared norm: scales like the L1 term).
 
@@ -230,6 +233,8 @@ class SAE(nn.Module):
         sq = (x_hat - x).pow(2).sum(-1)
         if recon == "mse":
             recon_term = sq.mean()
+        elif recon == "mse_mean":
+            recon_term = sq.mean() / x.shape[-1]
         elif recon == "mse_batch_var":
             recon_term = sq.mean() / (x - x.mean(0)).pow(2).sum(-1).mean().detach()
         elif recon == "l2":

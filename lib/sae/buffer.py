@@ -170,3 +170,50 @@ class ActivationBuffer:
         self._reset()
         for _ in range(state["n_served"]):
             next(self)
+
+
+class TokenSource:
+    """Shuffled batches of ``n_seqs`` whole sequences of a :class:`~lib.activations.TokenBatch`, epoch
+    after epoch: what the end-to-end objectives train on (they run the model, so they need tokens,
+    not activations).  Deterministic in ``seed``; resumes exactly from ``state_dict``."""
+
+    def __init__(self, batch, n_seqs: int, seed: int = 0):
+        if len(batch) < n_seqs:
+            raise ValueError(f"{len(batch)} sequences is fewer than one batch of {n_seqs}")
+        self.batch, self.n_seqs, self.seed = batch, n_seqs, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Spliced (counted) tokens in an average batch: real tokens but BOS."""
+        return int(self.batch.counted_mask().sum()) * self.n_seqs // len(self.batch)
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.batch), generator=g)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pos + self.n_seqs > len(self.batch):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation()
+        rows = self._perm[self.pos: self.pos + self.n_seqs]
+        self.pos += self.n_seqs
+        return self.batch[rows]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._perm = self._permutation()
+
+    def fingerprint(self) -> str:
+        """A hash of the token ids, the mask, the batch size and the seed."""
+        h = hashlib.sha256(f"{tuple(self.batch.tokens.shape)}|{self.n_seqs}|{self.seed}|{self.batch.has_bos}".encode())
+        h.update(self.batch.tokens.contiguous().cpu().numpy().tobytes())
+        h.update(self.batch.attention_mask.contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()

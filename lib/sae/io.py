@@ -9,7 +9,8 @@ paper's ``b_gate``) and has no ``b_enc``; ``r_mag`` and ``b_mag`` agree (``RENAM
 ``cfg.json`` follows SAELens 6: ``d_in, d_sae, dtype, device, apply_b_dec_to_input,
 normalize_activations, reshape_activations, architecture`` (+ ``k`` and
 ``rescale_acts_by_decoder_norm`` for TopK) and ``metadata`` with ``hook_name``, ``model_name``,
-``context_size``, ``prepend_bos``.  Our full :class:`SAEConfig` rides along in
+``context_size``, ``prepend_bos`` and ``objective`` (the training objective: ``local``, ``e2e``
+or ``e2e_ds``).  Our full :class:`SAEConfig` rides along in
 ``metadata["compendium_cfg"]`` so a round trip here is exact.
 
 Loading a SAELens folder folds what our modules do not have as options into the weights, exactly:
@@ -67,6 +68,7 @@ def sae_cfg_dict(sae: SAE) -> dict:
             "model_name": cfg.model_name,
             "context_size": cfg.context_size,
             "prepend_bos": cfg.prepend_bos,
+            "objective": cfg.objective,  # local | e2e | e2e_ds: what its training preserved
             "written_by": "interp-compendium lib.sae.io",
             "compendium_cfg": cfg.to_dict(),
         },
@@ -125,6 +127,7 @@ def _config_from_saelens(d: dict) -> SAEConfig:
         k=int(d.get("k", 32)),
         context_size=meta.get("context_size", d.get("context_size")),
         prepend_bos=bool(meta.get("prepend_bos", d.get("prepend_bos", True))),
+        objective=meta.get("objective") if meta.get("objective") in ("local", "e2e", "e2e_ds") else "local",
         normalize_decoder=False,  # decided from the weights below
         dtype=str(d.get("dtype", "float32")).replace("torch.", ""),
     )

@@ -15,6 +15,8 @@ SAE's hook,
 ``ce_spliced``      the same with ``x_hat`` spliced in at every position of ``T``
 ``ce_zero_ablated`` the same with the activation zeroed at every position of ``T``
 ``loss_recovered``  ``(ce_zero_ablated - ce_spliced) / (ce_zero_ablated - ce_clean)``
+``kl``              ``(1/|T|) sum_t KL(p_clean(t) || p_spliced(t))`` (with ``downstream=``)
+``downstream_mse``  mean over later hooks of the spliced-vs-clean MSE averaged over elements
 ==================  =====================================================================
 
 Padding never enters: not in ``T``, not as a CE target, not spliced.  The BOS position keeps its
@@ -207,6 +209,7 @@ class EvalStats:
     recon: dict  # "ours" | "saelens" -> ReconStats
     ce: dict  # convention -> CEStats
     n_sequences: int
+    downstream: "DownstreamStats | None" = None  # KL and downstream MSE of the spliced run (ours)
 
     def metrics(self, convention: str = "ours") -> dict[str, float]:
         if convention not in CONVENTIONS:
@@ -233,6 +236,41 @@ class EvalStats:
         out.update({"ce_clean": ce.mean("clean"), "ce_spliced": ce.mean("spliced"),
                     "ce_zero_ablated": ce.mean("zero"), "loss_recovered": ce.loss_recovered,
                     "n_ce_tokens": ce.n})
+        if convention == "ours" and self.downstream is not None:
+            out.update(self.downstream.metrics())
+        return out
+
+
+@dataclass
+class DownstreamStats:
+    """Sums over the counted tokens ``T`` of the spliced run's distance from the clean one.
+
+    ``kl``: ``(1/|T|) sum_t KL(p_clean(t) || p_spliced(t))`` (nats; the end-to-end SAEs' training
+    loss); ``downstream_mse``: the mean over the downstream hooks of ``(1/(|T| d)) sum_t sum_d
+    (a_spliced - a_clean)^2`` (averaged over elements, as the e2e + downstream loss);
+    ``downstream_mse_by_hook``: the same per hook."""
+
+    hooks: list
+    kl_sum: float = 0.0
+    n: int = 0
+    sse: dict = field(default_factory=dict)
+    n_elements: dict = field(default_factory=dict)
+
+    def add(self, clean_logits, spliced_logits, clean_acts: dict, spliced_acts: dict, counted) -> None:
+        m = counted.to(clean_logits.device)
+        lp, lq = clean_logits[m].double().log_softmax(-1), spliced_logits[m].double().log_softmax(-1)
+        self.kl_sum += float((lp.exp() * (lp - lq)).sum())
+        self.n += int(m.sum())
+        for h in self.hooks:
+            e = spliced_acts[h][m].double() - clean_acts[h][m].double()
+            self.sse[h] = self.sse.get(h, 0.0) + float(e.pow(2).sum())
+            self.n_elements[h] = self.n_elements.get(h, 0) + e.numel()
+
+    def metrics(self) -> dict:
+        by_hook = {h: self.sse[h] / self.n_elements[h] for h in self.hooks}
+        out = {"kl": self.kl_sum / self.n}
+        if self.hooks:
+            out.update(downstream_mse=sum(by_hook.values()) / len(by_hook), downstream_mse_by_hook=by_hook)
         return out
 
 
@@ -266,13 +304,17 @@ def _special_ids(model) -> list[int]:
 @torch.no_grad()
 def collect(sae, model, tokens, *, hook: str | None = None, attention_mask: torch.Tensor | None = None,
             batch_size: int = 16, exclude: Collection[str] = ("bos", "pad"), context_size: int = 128,
-            conventions: Sequence[str] = ("ours",)) -> EvalStats:
+            conventions: Sequence[str] = ("ours",), downstream: Sequence[str] | None = None) -> EvalStats:
     """Run the model over ``tokens`` in batches of ``batch_size`` sequences and gather the sums
     behind every metric of ``conventions`` (see the module docstring for the formulas).
 
     ``hook`` defaults to the SAE's own ``cfg.hook_name``; ``exclude`` is what the counted tokens
-    ``T`` leave out (:meth:`lib.activations.TokenBatch.counted_mask`)."""
+    ``T`` leave out (:meth:`lib.activations.TokenBatch.counted_mask`).  With ``downstream`` (hook
+    names; ``[]`` for the KL alone) the "ours" splice also measures :class:`DownstreamStats`."""
     hook = replacement_hook(sae, hook)
+    keep = None if downstream is None else as_names(downstream, "downstream")
+    if keep is not None and "ours" not in conventions:
+        raise ValueError("downstream statistics are measured on our splice: include 'ours' in conventions")
     conventions = as_names(conventions, "conventions")
     bad = [c for c in conventions if c not in CONVENTIONS]
     if bad:
@@ -285,10 +327,11 @@ def collect(sae, model, tokens, *, hook: str | None = None, attention_mask: torc
     ce = {c: CEStats() for c in conventions}
     sae_fn, device = sae_replacement(sae), next(model.parameters()).device
     want_saelens = any(c.startswith("saelens") for c in conventions)
+    ds = None if keep is None else DownstreamStats(keep)
     for i in range(0, len(batch), batch_size):
         b = batch[i: i + batch_size]
         toks = b.tokens.to(device)
-        logits, acts = batch_activations(model, b, hook, logits=True)
+        logits, acts = batch_activations(model, b, [hook, *(keep or [])], logits=True)
         act = acts[hook]
         ce_clean = token_ce(logits, toks)
         counted = b.counted_mask(exclude).to(act.device)
@@ -296,7 +339,12 @@ def collect(sae, model, tokens, *, hook: str | None = None, attention_mask: torc
         x_hat, f = sae(x, output_features=True)
         recon["ours"].add(x, x_hat, f)
         if "ours" in conventions:
-            spliced = token_ce(run_spliced(model, toks, sae_fn, counted, hook=hook), toks)
+            if ds is None:
+                spliced_logits = run_spliced(model, toks, sae_fn, counted, hook=hook)
+            else:
+                spliced_logits, seen = run_spliced(model, toks, sae_fn, counted, hook=hook, keep=keep)
+                ds.add(logits, spliced_logits, acts, seen, counted)
+            spliced = token_ce(spliced_logits, toks)
             zero = token_ce(run_spliced(model, toks, zero_replacement, counted, hook=hook), toks)
             ce["ours"].add(ce_clean, spliced, zero, b.attention_mask[:, 1:])
         if want_saelens or "dictionary_learning" in conventions:
@@ -313,20 +361,21 @@ def collect(sae, model, tokens, *, hook: str | None = None, attention_mask: torc
         if "dictionary_learning" in conventions:
             spliced_all = token_ce(run_spliced(model, toks, sae_fn, None, hook=hook), toks)
             ce["dictionary_learning"].add(ce_clean, spliced_all, zero_all, b.tokens[:, 1:] != pad_id)
-    return EvalStats(recon=recon, ce=ce, n_sequences=len(batch))
+    return EvalStats(recon=recon, ce=ce, n_sequences=len(batch), downstream=ds)
 
 
 def evaluate(sae, model, tokens, *, hook: str | None = None, attention_mask: torch.Tensor | None = None,
              batch_size: int = 16, exclude: Collection[str] = ("bos", "pad"),
-             context_size: int = 128) -> dict[str, float]:
+             context_size: int = 128, downstream: Sequence[str] | None = None) -> dict[str, float]:
     """Our metrics for ``sae`` over ``tokens`` (a TokenBatch, texts, or a token tensor), at its own
     hook unless ``hook`` says otherwise.
 
     Returns ``mse, var_explained, l1, l0, frac_alive, n_tokens, ce_clean, ce_spliced,
-    ce_zero_ablated, loss_recovered, n_ce_tokens`` (formulas in the module docstring).
+    ce_zero_ablated, loss_recovered, n_ce_tokens`` (formulas in the module docstring), and with
+    ``downstream`` (hook names, ``[]`` for none) ``kl`` (+ ``downstream_mse``, ``downstream_mse_by_hook``).
     """
     stats = collect(sae, model, tokens, hook=hook, attention_mask=attention_mask, batch_size=batch_size,
-                    exclude=exclude, context_size=context_size)
+                    exclude=exclude, context_size=context_size, downstream=downstream)
     return stats.metrics("ours")
 
 

@@ -89,17 +89,23 @@ class SAEData:
 
 def prepare(model, hooks: Sequence[str] | str, n_train_docs: int, n_eval_docs: int = 0, context_size: int = 128,
             seed: int = 0, corpus_seed: int | None = None, device: str | torch.device | None = None,
-            batch_size: int = 32, cache: bool = False) -> SAEData:
+            batch_size: int = 32, cache: bool = False, docs: Sequence[str] | None = None) -> SAEData:
     """Load ``model`` (a name, or an already loaded model), generate ``n_train_docs + n_eval_docs``
-    corpus documents (seed ``corpus_seed``, default ``seed``) and harvest their activations at ``hooks``."""
+    corpus documents (seed ``corpus_seed``, default ``seed``), or take them from ``docs`` (training
+    ones first), and harvest their activations at ``hooks``."""
     from lib.models import load_model
-    from lib.world.corpus import generate_corpus
 
     name = model if isinstance(model, str) else getattr(model, "compendium_name", "")
     lm = load_model(model, device=device) if isinstance(model, str) else model
     device = next(lm.parameters()).device
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
-    docs = generate_corpus(n_train_docs + n_eval_docs, seed=seed if corpus_seed is None else corpus_seed)
+    if docs is None:
+        from lib.world.corpus import generate_corpus
+
+        docs = generate_corpus(n_train_docs + n_eval_docs, seed=seed if corpus_seed is None else corpus_seed)
+    elif len(docs) < n_train_docs + n_eval_docs:
+        raise ValueError(f"{len(docs)} documents given, {n_train_docs} + {n_eval_docs} asked for")
+    docs = list(docs)[: n_train_docs + n_eval_docs]
     train_docs, eval_docs = docs[:n_train_docs], docs[n_train_docs:]
 
     def read(texts: list[str], part: str) -> dict[str, torch.Tensor]:

@@ -10,9 +10,17 @@ sanity check of the seed ("plug the correct activations back in: do you get the 
 
 The hook is the replacement's own unless ``hook`` says otherwise: an SAE's ``cfg.hook_name``, or
 the ``hook_name`` attribute of a function (:func:`lib.sae.ito.code_replacement` sets one).
+
+End-to-end training (Braun et al. 2024) splices with gradients: :func:`clean_pass` runs the model
+once unmodified (the hook's activations, the logits, the downstream residuals), then
+:func:`e2e_loss` runs it again with the SAE's reconstruction spliced in and returns
+``KL(p_orig || p_spliced) + coefficient * L1 (+ downstream residual MSE)``, differentiable in the
+SAE's parameters through the frozen later layers.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -78,17 +86,125 @@ def splice_hook(fn: Replacement, positions: torch.Tensor | None = None):
 
 @torch.no_grad()
 def run_spliced(model, tokens: torch.Tensor, replacement, positions: torch.Tensor | None = None, *,
-                hook: str | None = None) -> torch.Tensor:
+                hook: str | None = None, keep: Sequence[str] = ()):
     """Logits [batch, pos, vocab] with ``replacement`` spliced in at its hook (see the module docstring).
 
     ``replacement`` is an SAE (an ``nn.Module`` with ``encode``/``decode``), or a function
-    ``a -> a'``, or None for the clean run.
+    ``a -> a'``, or None for the clean run.  With ``keep`` (hook names, e.g. the residual stream
+    downstream), returns ``(logits, {hook: activation [batch, pos, d]})`` of the spliced run.
     """
     device = next(model.parameters()).device
     tokens = tokens.to(device)
-    if replacement is None:
-        return model(tokens, return_type="logits")
-    hook = replacement_hook(replacement, hook)
-    check_hooks(model, hook)
-    fn = as_replacement(replacement)
-    return model.run_with_hooks(tokens, fwd_hooks=[(hook, splice_hook(fn, positions))], return_type="logits")
+    keep = [keep] if isinstance(keep, str) else list(keep)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):
+        def fn(act: torch.Tensor, hook=None) -> None:  # noqa: ARG001
+            seen[name] = act
+
+        return fn
+
+    hooks = [(h, keeper(h)) for h in keep]
+    if replacement is not None:
+        hook = replacement_hook(replacement, hook)
+        check_hooks(model, [hook, *keep])
+        hooks = [(hook, splice_hook(as_replacement(replacement), positions)), *hooks]
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits") if hooks else \
+        model(tokens, return_type="logits")
+    return (logits, seen) if keep else logits
+
+
+# --------------------------------------------------------------------------------------------
+# end-to-end training: the SAE spliced in, the model frozen, the loss read at the output
+# --------------------------------------------------------------------------------------------
+E2E_OBJECTIVES = ("e2e", "e2e_ds")
+
+
+@dataclass
+class CleanPass:
+    """What the unmodified model computes on a token batch (no gradient).
+
+    tokens [B, T]; positions [B, T] bool (where the SAE is spliced: real tokens but BOS);
+    act [B, T, d] at the SAE's hook; logits [B, T, vocab]; downstream {hook: [B, T, d]}.
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    act: torch.Tensor
+    logits: torch.Tensor
+    downstream: dict[str, torch.Tensor]
+
+    @property
+    def x(self) -> torch.Tensor:
+        """[n, d]: the activations the SAE reads (the spliced positions, row-major)."""
+        return self.act[self.positions]
+
+
+def clean_pass(model, batch, hook: str, downstream: Sequence[str] = ()) -> CleanPass:
+    """Run ``model`` on ``batch`` (a :class:`~lib.activations.TokenBatch`) and keep the activation at
+    ``hook``, the logits and the residuals at ``downstream`` hooks (read by :func:`lib.activations.batch_activations`).
+
+    The splice positions are ``batch.counted_mask()`` (real tokens, BOS excluded), as in :mod:`lib.sae.metrics`.
+    Padding is on the right and the model is causal, so real positions never see it."""
+    from lib.activations import batch_activations
+
+    device = next(model.parameters()).device
+    tokens = batch.tokens.to(device)
+    logits, acts = batch_activations(model, tokens, [hook, *downstream], logits=True)
+    return CleanPass(tokens, batch.counted_mask().to(device), acts[hook], logits,
+                     {h: acts[h] for h in downstream})
+
+
+def e2e_loss(sae, model, clean: CleanPass, sparsity_coefficient: float | torch.Tensor, *, hook: str | None = None,
+             kl_coefficient: float = 1.0, downstream_coefficient: float = 0.0) -> dict[str, torch.Tensor]:
+    """The end-to-end SAE loss (Braun et al. 2024) on one batch, with gradients for the SAE only.
+
+    The SAE reconstructs the clean activations at the spliced positions, the reconstruction is
+    spliced in at ``hook`` (default the SAE's own), and the frozen model runs on from there:
+
+    ``loss = kl_coefficient * KL + sparsity_coefficient * L1 + downstream_coefficient * ds_mse``
+
+    - ``KL``: ``mean_t KL(p_orig(t) || p_spliced(t))`` over the spliced positions, computed as
+      ``kl_div(log_softmax(spliced), log_softmax(orig), log_target=True, reduction="batchmean")``
+      (the e2e_sae convention);
+    - ``L1``: the SAE's sparsity penalty, ``mean_t sum_i f_ti`` for ReLU (pass ``lambda / d_model``
+      as the coefficient for the paper's ``phi``);
+    - ``ds_mse``: the mean over ``clean.downstream`` hooks of the MSE (averaged over elements)
+      between spliced and original residuals at the spliced positions.
+
+    Returns the keys of :meth:`SAE.loss` (``loss, recon, mse, sparsity, aux, features, x_hat``;
+    ``recon`` is the KL) plus ``kl`` and ``downstream`` (detached)."""
+    hook = replacement_hook(sae, hook)
+    x = clean.x
+    p = next(sae.parameters())
+    f, pre = sae.training_features(x.to(p.device, p.dtype))
+    x_hat = sae.decode(f)
+    mask = clean.positions[..., None]
+    seen: dict[str, torch.Tensor] = {}
+
+    def splice(act: torch.Tensor, hook=None) -> torch.Tensor:  # noqa: ARG001
+        return act.masked_scatter(mask.expand_as(act), x_hat.to(act.dtype))
+
+    def keeper(name: str):
+        def keep(act: torch.Tensor, hook=None) -> None:  # noqa: ARG001
+            seen[name] = act
+
+        return keep
+
+    names = list(clean.downstream)
+    logits = model.run_with_hooks(clean.tokens, fwd_hooks=[(hook, splice), *[(h, keeper(h)) for h in names]],
+                                  return_type="logits")
+    pos = clean.positions
+    kl = torch.nn.functional.kl_div(logits[pos].float().log_softmax(-1), clean.logits[pos].float().log_softmax(-1),
+                                    log_target=True, reduction="batchmean")
+    if names:
+        ds = torch.stack([(seen[h][pos].float() - clean.downstream[h][pos].float()).pow(2).mean() for h in names]).mean()
+    else:
+        ds = kl.new_zeros(())
+    sparsity = sae.sparsity_penalty(f, pre)
+    total = kl_coefficient * kl + sparsity_coefficient * sparsity
+    if downstream_coefficient:
+        total = total + downstream_coefficient * ds
+    return {"loss": total, "recon": kl, "kl": kl.detach(), "downstream": ds.detach(),
+            "mse": (x_hat.detach() - x).pow(2).sum(-1).mean(), "sparsity": sparsity, "aux": kl.new_zeros(()),
+            "features": f.detach(), "x_hat": x_hat.detach()}

@@ -26,6 +26,15 @@ that cannot save its position (no ``state_dict``) restarts from its beginning, w
 :class:`ResumeWarning` saying so.
 
 A progress bar shows live L0, MSE and fraction alive; ``history`` holds them every ``log_every`` steps.
+
+Objectives (``TrainConfig.objective``, Braun et al. 2024): ``"local"`` trains on activation batches
+with ``sae.loss`` (step 2 above).  ``"e2e"`` and ``"e2e_ds"`` train on token batches
+(:class:`~lib.sae.buffer.TokenSource`) with the model passed as ``Trainer(..., model=model)`` and
+frozen: each step runs it clean (:func:`~lib.sae.splice.clean_pass`), then again with the SAE's
+reconstruction spliced in at its hook, and the loss is :func:`~lib.sae.splice.e2e_loss`,
+``kl_coefficient * KL(p_orig || p_spliced) + coefficient * L1 (+ downstream_coefficient * mean
+downstream residual MSE)``; its gradient reaches the SAE through the later layers.  The objective
+is recorded in ``sae.cfg.objective`` and so in the saved SAE's metadata.
 """
 from __future__ import annotations
 
@@ -38,9 +47,12 @@ from typing import Iterator
 
 import torch
 
+from lib.activations import TokenBatch
+from lib.hooks import downstream_resid_hooks
 from lib.results import atomic_output
 from lib.sae import distributed as dd
-from lib.sae.base import SAE, SAEConfig, make_sae, positive_int
+from lib.sae.base import RECON_LOSSES, SAE, SAEConfig, make_sae, positive_int
+from lib.sae.splice import clean_pass, e2e_loss
 from lib.utils import progress
 
 
@@ -54,7 +66,7 @@ class TrainConfig:
     sparsity_warmup_frac: float = 0.05  # coefficient rises linearly from 0 over this fraction of steps
     lr_warmup_steps: int = 0
     lr_decay_frac: float = 0.2  # lr falls linearly to 0 over this final fraction of steps
-    recon: str = "mse"  # "mse" | "mse_batch_var" | "l2"  (see SAE.loss)
+    recon: str = "mse"  # "mse" | "mse_mean" | "mse_batch_var" | "l2"  (see SAE.loss)
     grad_clip: float | None = 1.0
     bias_lr_scale: float = 1.0  # parameters measured in activation units (b_*, threshold) learn at lr * this
     dead_after_tokens: int = 200_000  # a latent that has not fired for this many tokens is dead
@@ -67,6 +79,11 @@ class TrainConfig:
     seed: int = 0
     autocast_dtype: str | None = None  # e.g. "bfloat16": run forward/backward under torch.autocast
     compile: bool = False  # torch.compile the loss
+    # what the SAE is trained to preserve (Braun et al. 2024): "local" (its input: recon + sparsity),
+    # "e2e" (the model's output distribution: KL + sparsity) or "e2e_ds" (e2e + downstream residuals)
+    objective: str = "local"
+    kl_coefficient: float = 1.0  # e2e objectives: weight of KL(p_orig || p_spliced)
+    downstream_coefficient: float = 0.0  # e2e_ds: weight of the mean downstream residual MSE
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -82,11 +99,19 @@ class TrainConfig:
         need(0 <= self.sparsity_warmup_frac <= 1 and 0 <= self.lr_decay_frac <= 1 and 0 <= self.resample_until_frac <= 1,
              "sparsity_warmup_frac, lr_decay_frac and resample_until_frac are fractions in [0, 1]")
         need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps!r}")
-        need(self.recon in ("mse", "mse_batch_var", "l2"), f"recon must be 'mse', 'mse_batch_var' or 'l2', got {self.recon!r}")
+        need(self.recon in RECON_LOSSES, f"recon must be one of {RECON_LOSSES}, got {self.recon!r}")
         need(self.init_b_dec in ("mean", "zeros"), f"init_b_dec must be 'mean' or 'zeros', got {self.init_b_dec!r}")
         need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.resample_every is not None:
             self.resample_every = positive_int(self.resample_every, "TrainConfig.resample_every (steps, or None)")
+        need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective != "local":
+            need(self.resample_every is None, "resampling dead latents needs the local reconstruction error: "
+                 f"set resample_every=None for objective {self.objective!r}")
+            need(self.kl_coefficient > 0, f"kl_coefficient must be > 0, got {self.kl_coefficient!r}")
+        need((self.downstream_coefficient > 0) == (self.objective == "e2e_ds"),
+             f"downstream_coefficient ({self.downstream_coefficient!r}) must be > 0 for objective 'e2e_ds' "
+             f"and 0 otherwise (objective {self.objective!r})")
         need(self.autocast_dtype is None or isinstance(getattr(torch, str(self.autocast_dtype), None), torch.dtype),
              f"autocast_dtype {self.autocast_dtype!r} is not a torch dtype (e.g. 'bfloat16') or None")
 
@@ -95,6 +120,7 @@ class TrainConfig:
         return max(1, self.total_tokens // self.batch_size)
 
 
+OBJECTIVES = ("local", "e2e", "e2e_ds")
 CHECKPOINT_NAME = "checkpoint.pt"
 # TrainConfig fields that may change between a run and its resumption: they do not touch the math
 RESUMABLE_CHANGES = frozenset({"checkpoint_dir", "checkpoint_every", "log_every", "compile"})
@@ -131,8 +157,16 @@ def param_groups(sae: SAE, bias_lr_scale: float = 1.0) -> list[dict]:
 class Trainer:
     """Holds the SAE, the optimizer and the bookkeeping; ``fit()`` runs (or resumes) training."""
 
-    def __init__(self, sae: SAE, data: Iterator[torch.Tensor], cfg: TrainConfig, resume: bool = True):
-        self.sae, self.data, self.cfg = sae, data, cfg
+    def __init__(self, sae: SAE, data: Iterator, cfg: TrainConfig, resume: bool = True, model=None):
+        if cfg.objective != "local" and model is None:
+            raise ValueError(f"objective {cfg.objective!r} runs the model with the SAE spliced in: pass model=")
+        if cfg.objective != "local" and not sae.cfg.hook_name:
+            raise ValueError(f"objective {cfg.objective!r} splices the SAE at its hook: set SAEConfig.hook_name")
+        self.sae, self.data, self.cfg, self.model = sae, data, cfg, model
+        sae.cfg.objective = cfg.objective  # recorded with the SAE (saved in its metadata by lib.sae.io)
+        self.downstream = (downstream_resid_hooks(model, sae.cfg.hook_name) if cfg.objective == "e2e_ds" else [])
+        if cfg.objective == "e2e_ds" and not self.downstream:
+            raise ValueError(f"objective 'e2e_ds' needs blocks after {sae.cfg.hook_name}; there are none")
         self.device = next(sae.parameters()).device
         self.opt = torch.optim.Adam(param_groups(sae, cfg.bias_lr_scale), lr=cfg.lr, betas=cfg.adam_betas,
                                     fused=self.device.type == "cuda")  # one kernel for all parameters on a GPU
@@ -142,6 +176,8 @@ class Trainer:
         self.n_resampled = 0
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self.world = dd.current()  # several processes under torchrun: see lib.sae.distributed
+        if cfg.objective != "local" and self.world.size > 1:
+            raise ValueError(f"objective {cfg.objective!r} trains in one process; run it without torchrun")
         self._loss_fn = dd.wrap(sae, torch.compile(sae.loss) if cfg.compile else None, self.world)
         ckpt = self.checkpoint_path
         self._data_fp = data_fingerprint(data) if ckpt is not None else None
@@ -176,60 +212,101 @@ class Trainer:
         bar = progress(range(self.step, end), desc=f"SAE {sae.cfg.hook_name}", initial=self.step,
                        total=cfg.n_steps, **({} if world.is_main else {"disable": True}))
         sae.train()
-        for step in bar:
-            try:
-                x = next(self.data)
-            except StopIteration:
-                raise RuntimeError(
-                    f"The data source ran out at step {step} of {cfg.n_steps} ({step * cfg.batch_size} of "
-                    f"{cfg.total_tokens} tokens): give it more data, let it loop (BufferConfig.loop=True), or lower "
-                    "total_tokens.") from None
-            if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[-1] != sae.cfg.d_in:
-                raise ValueError(f"The data source served {tuple(getattr(x, 'shape', ())) or type(x).__name__}; the SAE "
-                                 f"needs [batch, {sae.cfg.d_in}] activations (its hook: {sae.cfg.hook_name or '?'})")
-            x = x.to(self.device, non_blocking=True)
-            if step == 0 and cfg.init_b_dec == "mean":
-                with torch.no_grad():
-                    sae.b_dec.copy_(dd.mean(x.float().mean(0), world))
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr_at(step) * group["lr_scale"]
-            coefficient = self.coefficient_at(step)
-            if cfg.compile:  # a tensor, so that a changing value does not trigger a recompilation
-                coefficient = torch.tensor(coefficient, device=self.device)
-            with autocast:
-                out = self._loss_fn(x, coefficient, cfg.recon, self.dead_mask)
-            out["loss"].backward()
-            sae.project_grads_()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            sae.apply_constraints_()
-
-            f = out["features"]
-            if "fired" in out:  # the sparse path knows its active latents
-                fired = out["fired"]
-            else:
-                fired = f.sum(0) > 0 if sae.nonnegative_latents else (f != 0).any(0)  # the sum is one cheap pass
-            fired = dd.any_fired(fired, world)
-            # (torch.where, not a boolean index: no host-device synchronisation on a GPU)
-            self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + len(x) * world.size)
-            self.step = step + 1
-
-            if cfg.resample_every and self.step % cfg.resample_every == 0 \
-                    and self.step < cfg.resample_until_frac * cfg.n_steps:
-                self.resample_dead(x)
-            if self.step % cfg.log_every == 0 or self.step == cfg.n_steps:
-                rec = {"step": self.step, "loss": float(dd.mean(out["loss"], world)),
-                       "mse": float(dd.mean(out["mse"], world)),
-                       "l0": float(out["l0"]) if "l0" in out else (f != 0).sum(-1).float().mean().item(), "frac_alive": 1.0 - float(self.dead_mask.float().mean()),
-                       "lr": self.lr_at(step), "coefficient": self.coefficient_at(step)}
-                self.history.append(rec)
-                bar.set_postfix(l0=f"{rec['l0']:.1f}", mse=f"{rec['mse']:.3g}", alive=f"{rec['frac_alive']:.2f}")
-            if self.checkpoint_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step in (end, cfg.n_steps)):
-                self.save_checkpoint()
+        frozen = self._freeze_model()
+        try:
+            for step in bar:
+                self._step(step, autocast, end)
+                if self.step % cfg.log_every == 0 or self.step == cfg.n_steps:
+                    bar.set_postfix(l0=f"{self.history[-1]['l0']:.1f}", mse=f"{self.history[-1]['mse']:.3g}",
+                                    alive=f"{self.history[-1]['frac_alive']:.2f}")
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
         sae.eval()
         return self.history
+
+    def _freeze_model(self) -> list:
+        """The model's parameters stop requiring gradients while the SAE trains (restored after)."""
+        if self.model is None:
+            return []
+        params = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in params:
+            p.requires_grad_(False)
+        return params
+
+    def _next_batch(self, step: int):
+        """``(x [n, d_in], clean)``: the activations the SAE reads this step, and for e2e objectives
+        the :class:`~lib.sae.splice.CleanPass` of the token batch they come from (else None)."""
+        cfg, sae = self.cfg, self.sae
+        try:
+            got = next(self.data)
+        except StopIteration:
+            raise RuntimeError(
+                f"The data source ran out at step {step} of {cfg.n_steps} ({step * cfg.batch_size} of "
+                f"{cfg.total_tokens} tokens): give it more data, let it loop (BufferConfig.loop=True), or lower "
+                "total_tokens.") from None
+        if cfg.objective != "local":
+            if not isinstance(got, TokenBatch):
+                raise ValueError(f"objective {cfg.objective!r} trains on token batches (lib.sae.buffer.TokenSource), "
+                                 f"the data source served {type(got).__name__}")
+            with torch.no_grad():
+                clean = clean_pass(self.model, got, sae.cfg.hook_name, self.downstream)
+            return clean.x.to(self.device), clean
+        x = got
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[-1] != sae.cfg.d_in:
+            raise ValueError(f"The data source served {tuple(getattr(x, 'shape', ())) or type(x).__name__}; the SAE "
+                             f"needs [batch, {sae.cfg.d_in}] activations (its hook: {sae.cfg.hook_name or '?'})")
+        return x.to(self.device, non_blocking=True), None
+
+    def _step(self, step: int, autocast, end: int) -> None:
+        cfg, sae, world = self.cfg, self.sae, self.world
+        x, clean = self._next_batch(step)
+        if step == 0 and cfg.init_b_dec == "mean":
+            with torch.no_grad():
+                sae.b_dec.copy_(dd.mean(x.float().mean(0), world))
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(step) * group["lr_scale"]
+        coefficient = self.coefficient_at(step)
+        if cfg.compile:  # a tensor, so that a changing value does not trigger a recompilation
+            coefficient = torch.tensor(coefficient, device=self.device)
+        with autocast:
+            if clean is None:
+                out = self._loss_fn(x, coefficient, cfg.recon, self.dead_mask)
+            else:
+                out = e2e_loss(sae, self.model, clean, coefficient, kl_coefficient=cfg.kl_coefficient,
+                               downstream_coefficient=cfg.downstream_coefficient)
+        out["loss"].backward()
+        sae.project_grads_()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sae.apply_constraints_()
+
+        f = out["features"]
+        if "fired" in out:  # the sparse path knows its active latents
+            fired = out["fired"]
+        else:
+            fired = f.sum(0) > 0 if sae.nonnegative_latents else (f != 0).any(0)  # the sum is one cheap pass
+        fired = dd.any_fired(fired, world)
+        # (torch.where, not a boolean index: no host-device synchronisation on a GPU)
+        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + len(x) * world.size)
+        self.step = step + 1
+
+        if cfg.resample_every and self.step % cfg.resample_every == 0 \
+                and self.step < cfg.resample_until_frac * cfg.n_steps:
+            self.resample_dead(x)
+        if self.step % cfg.log_every == 0 or self.step == cfg.n_steps:
+            rec = {"step": self.step, "loss": float(dd.mean(out["loss"].detach(), world)),
+                   "mse": float(dd.mean(out["mse"], world)),
+                   "l0": float(out["l0"]) if "l0" in out else (f != 0).sum(-1).float().mean().item(),
+                   "frac_alive": 1.0 - float(self.dead_mask.float().mean()),
+                   "lr": self.lr_at(step), "coefficient": self.coefficient_at(step)}
+            if clean is not None:
+                rec.update(kl=out["kl"].item(), downstream=out["downstream"].item())
+            self.history.append(rec)
+        if self.checkpoint_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step in (end, cfg.n_steps)):
+            self.save_checkpoint()
 
     # --- resampling dead latents -------------------------------------------------------------
     @torch.no_grad()
@@ -375,10 +452,11 @@ def _read_checkpoint(path: Path, device) -> dict:
     return state
 
 
-def train_sae(sae_cfg: SAEConfig, data: Iterator[torch.Tensor], cfg: TrainConfig,
-              device: str | torch.device = "cpu") -> tuple[SAE, list[dict]]:
-    """Build an SAE from ``sae_cfg`` (seeded by ``cfg.seed``), train it on ``data``, return it and its history."""
+def train_sae(sae_cfg: SAEConfig, data: Iterator, cfg: TrainConfig,
+              device: str | torch.device = "cpu", model=None) -> tuple[SAE, list[dict]]:
+    """Build an SAE from ``sae_cfg`` (seeded by ``cfg.seed``), train it on ``data``, return it and its history
+    (``model``: the frozen model an e2e objective splices the SAE into)."""
     sae = make_sae(sae_cfg, seed=cfg.seed).to(device)
-    trainer = Trainer(sae, data, cfg)
+    trainer = Trainer(sae, data, cfg, model=model)
     history = trainer.fit()
     return sae, history
