@@ -147,3 +147,17 @@ def test_run_stack_smoke_and_statistics():
     stats = dc.condition_stats(dc.compact(run)["summary"], proto)
     assert set(stats) == {"A", "D"} and stats["A"]["n_seeds"] == 2 and "never_saw_steps" in stats["A"]
     assert "zero_shot_at_drop" in stats["D"]
+
+
+def test_grid_command_writes_and_merges_parts(tmp_path):
+    import json
+
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "grid.json"
+    dc.main(["--profile", "quick", "--only", "0", "--out", str(a)])
+    b.write_text(a.read_text())
+    dc.main(["--merge", str(a), str(b), "--out", str(out)])
+    grid = json.loads(out.read_text())
+    assert len(grid["runs"]) == 2 and grid["meta"]["profile"] == "quick"
+    assert "--only 0" in grid["meta"]["command"] and "--merge" in grid["meta"]["command"]
+    rows = dc.rows_of(grid["runs"])
+    assert len(rows) == 2 * (3 * len(lang.CONDITIONS) + 3) and {r["weight_decay"] for r in rows} == {0.0}

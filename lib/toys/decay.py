@@ -255,12 +255,13 @@ PROFILES = {
     # the notebook's default: one size, no regularisation, every condition (about 1-2 min of one core)
     "default": {"stacks": [(bt.Size(2, 32, 4), 0.0, 0.0)], "never_saw": ("A", "B"),
                 "proto": Protocol(pretrain_steps=600, decay_steps=600, relearn_steps=100, eval_every=25)},
-    # the dependence grid (about 20 min of one core): four sizes without regularisation, and at the
-    # default size weight decay (0, 0.1, 1) x dropout (0, 0.1); every condition, three seeds
-    "full": {"stacks": [(bt.Size(2, d, 4), 0.0, 0.0) for d in (16, 32, 48, 64)]
+    # the dependence grid (about 5 min of one idle core): three sizes without regularisation, and at the
+    # default size weight decay (0, 0.1, 1) x dropout (0, 0.1); conditions A and B, three seeds,
+    # the default's protocol
+    "full": {"stacks": [(bt.Size(2, d, 4), 0.0, 0.0) for d in (16, 32, 64)]
              + [(bt.Size(2, 32, 4), wd, p) for wd in (0.0, 0.1, 1.0) for p in (0.0, 0.1) if (wd, p) != (0.0, 0.0)],
-             "never_saw": (),
-             "proto": Protocol(pretrain_steps=600, decay_steps=1000, relearn_steps=150, eval_every=25)},
+             "never_saw": (), "conditions": ("A", "B"),
+             "proto": Protocol(pretrain_steps=600, decay_steps=600, relearn_steps=100, eval_every=25)},
     # a smoke test of the code path (tests, quick notebook runs)
     "quick": {"stacks": [(bt.Size(1, 16, 2), 0.0, 0.0)], "never_saw": ("A",),
               "proto": Protocol(pretrain_steps=40, decay_steps=40, relearn_steps=10, eval_every=10)},
@@ -284,11 +285,14 @@ def _run_job(job) -> dict:
     return compact(run) | {"weight_decay": wd, "dropout": p}
 
 
-def run_grid(profile: str = "full", seeds=(0, 1, 2), conditions=lang.CONDITIONS, jobs: int = 1) -> list[dict]:
-    """Every (size, weight decay, dropout) stack of a profile, ``jobs`` processes side by side
-    (each single-threaded); returns the ``compact`` runs in the profile's order."""
+def run_grid(profile: str = "full", seeds=(0, 1, 2), conditions=lang.CONDITIONS, jobs: int = 1,
+             only: list[int] | None = None) -> list[dict]:
+    """The (size, weight decay, dropout) stacks of a profile (those numbered in ``only``, if given),
+    ``jobs`` processes side by side (each single-threaded); returns the ``compact`` runs in order."""
     prof = PROFILES[profile]
-    work = [(s, wd, p, prof["proto"], tuple(seeds), tuple(conditions), prof["never_saw"]) for s, wd, p in prof["stacks"]]
+    stacks = [st for i, st in enumerate(prof["stacks"]) if only is None or i in only]
+    conditions = prof.get("conditions", conditions)
+    work = [(s, wd, p, prof["proto"], tuple(seeds), tuple(conditions), prof["never_saw"]) for s, wd, p in stacks]
     if jobs <= 1:
         return [_run_job(j) for j in work]
     import multiprocessing as mp
@@ -358,20 +362,33 @@ def main(argv=None) -> None:
     import json
     from pathlib import Path
 
-    ap = argparse.ArgumentParser(description="Run a decay grid (see PROFILES) and write its runs as JSON.")
+    from lib.results import atomic_write_text
+
+    ap = argparse.ArgumentParser(description="Run a decay grid (see PROFILES) and write its runs as JSON; "
+                                 "or merge the files of parts of one grid (--merge).")
     ap.add_argument("--profile", default="full", choices=sorted(PROFILES))
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--only", default=None, help="comma-separated indices of the profile's stacks to run")
+    ap.add_argument("--merge", nargs="+", default=None, help="grid files of one profile to join into --out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    runs = run_grid(args.profile, jobs=args.jobs)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        meta = parts[0]["meta"] | {"command": " && ".join(p["meta"]["command"] for p in parts)
+                                   + f" && python -m lib.toys.decay --merge PARTS --out FILE"}
+        text = json.dumps({"meta": meta, "runs": [r for p in parts for r in p["runs"]]}, default=float)
+        atomic_write_text(Path(args.out), text)
+        print(f"merged {len(args.merge)} files into {args.out}")
+        return
+    only = [int(i) for i in args.only.split(",")] if args.only else None
+    runs = run_grid(args.profile, jobs=args.jobs, only=only)
     prof = PROFILES[args.profile]
-    meta = {"profile": args.profile, "protocol": asdict(prof["proto"]),
+    meta = {"profile": args.profile, "protocol": asdict(prof["proto"]), "conditions": list(prof.get("conditions", lang.CONDITIONS)),
             "stacks": [asdict(s) | {"weight_decay": wd, "dropout": p} for s, wd, p in prof["stacks"]],
             "torch": torch.__version__,
-            "command": f"python -m lib.toys.decay --profile {args.profile} --jobs {args.jobs} --out FILE"}
-    text = json.dumps({"meta": meta, "runs": runs}, default=float)
-    from lib.results import atomic_write_text
-    atomic_write_text(Path(args.out), text)
+            "command": f"python -m lib.toys.decay --profile {args.profile} --jobs {args.jobs}"
+                       + (f" --only {args.only}" if args.only else "") + " --out FILE"}
+    atomic_write_text(Path(args.out), json.dumps({"meta": meta, "runs": runs}, default=float))
     print(f"wrote {len(runs)} stacks to {args.out}")
 
 
