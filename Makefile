@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Test workers: one per CPU core (each notebook is one unit of work on one core).
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup reproduce test unit notebooks models bench chromium clean-cache lab
+.PHONY: decay-grid setup reproduce test unit notebooks models bench chromium clean-cache lab
 
 setup: $(STAMP) chromium
 
@@ -53,6 +53,12 @@ unit: setup
 # Retrain the toy-world models (CPU: about an hour for all four; see data/models/*/provenance.json).
 models: setup
 	$(PY) -m lib.world.build
+
+# notebook 10's size x regularisation grid (committed; the notebook loads it): two single-threaded parts
+decay-grid: setup
+	OMP_NUM_THREADS=1 $(PY) -m lib.toys.decay --profile full --only 0,1,2 --out /tmp/decay_grid_a.json & \
+	OMP_NUM_THREADS=1 $(PY) -m lib.toys.decay --profile full --only 3,4,5,6,7 --out /tmp/decay_grid_b.json; wait
+	$(PY) -m lib.toys.decay --merge /tmp/decay_grid_a.json /tmp/decay_grid_b.json --out data/results/10_ood_capability_decay_full.json
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -12,7 +12,8 @@ Modules (one concern each; dependencies point down this list's lower layers, nev
 - ``truth``, ``xor``: the protocols of notebooks 01 and 02.
 - ``sae/``: sparse autoencoders (architectures, training sources, trainer, metrics, I/O, ITO,
   attribution, the setup recipe of notebooks 03-06).
-- ``toys/``: small synthetic models (compressed computation, XOR clusters).
+- ``toys/``: small synthetic models (compressed computation, XOR clusters, sequence languages and
+  the capability-decay protocol of notebook 10).
 - ``run``: the headless runner (``python -m lib.run``).
 
 Import what you need, e.g. ``from lib.models import load_model``.

@@ -63,6 +63,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "05": {"model": "gpt2"},
         "06": {"model": "gpt2"},
         "07": {"d_resid": 1000},
+        "10": {"retrain_grid": True},
     },
 }
 
