@@ -105,6 +105,20 @@ def test_conventions_table(tiny_bridges):
     assert now["ce_zero_ablated"] != pytest.approx(ours["ce_zero_ablated"])
 
 
+def test_conventions_over_several_batches_match_one_batch(tiny_bridges):
+    """Every convention's sums accumulate across batches: 3 batches give the one-batch numbers
+    (except SAELens-as-it-was's MSE, which is per batch by construction)."""
+    model = tiny_bridges["neox"]
+    sae = random_sae(32)
+    one = compare_conventions(sae, model, TEXTS, batch_size=len(TEXTS))
+    several = compare_conventions(sae, model, TEXTS, batch_size=3)
+    for conv in CONVENTIONS:
+        for metric in ("var_explained", "l0", "ce_clean", "ce_spliced", "ce_zero_ablated"):
+            if conv == "saelens_old" and metric == "var_explained":
+                continue
+            assert several[conv][metric] == pytest.approx(one[conv][metric], rel=1e-5, abs=1e-6), (conv, metric)
+
+
 def test_recon_stats_formulas_on_known_data():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]])
     f = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, -1.0], [0.0, 0.0, 0.0]])

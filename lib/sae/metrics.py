@@ -350,14 +350,14 @@ def collect(sae, model, tokens, *, hook: str | None = None, attention_mask: torc
         if want_saelens or "dictionary_learning" in conventions:
             zero_all = token_ce(run_spliced(model, toks, zero_replacement, None, hook=hook), toks)
         if want_saelens:
-            keep = ~torch.isin(b.tokens, special).to(act.device)
-            xs = act[keep].to(p.device, p.dtype)
+            real = ~torch.isin(b.tokens, special).to(act.device)
+            xs = act[real].to(p.device, p.dtype)
             xs_hat, fs = sae(xs, output_features=True)
             recon["saelens"].add(xs, xs_hat, fs)
-            spliced_sl = token_ce(run_spliced(model, toks, sae_fn, keep, hook=hook), toks)
+            spliced_sl = token_ce(run_spliced(model, toks, sae_fn, real, hook=hook), toks)
             for c in ("saelens_old", "saelens_now"):
                 if c in conventions:
-                    ce[c].add(ce_clean, spliced_sl, zero_all, keep[:, :-1])
+                    ce[c].add(ce_clean, spliced_sl, zero_all, real[:, :-1])
         if "dictionary_learning" in conventions:
             spliced_all = token_ce(run_spliced(model, toks, sae_fn, None, hook=hook), toks)
             ce["dictionary_learning"].add(ce_clean, spliced_all, zero_all, b.tokens[:, 1:] != pad_id)
