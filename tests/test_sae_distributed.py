@@ -99,3 +99,14 @@ def test_train_on_with_two_processes_gives_the_one_process_sae():
     assert two.cfg == one.cfg
     for name, value in one.state_dict().items():
         torch.testing.assert_close(two.state_dict()[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_a_failing_rank_says_why_in_the_error(tmp_path):
+    """A rank's own exception reaches the caller (from torchrun's per-rank log), not only torchrun's summary."""
+    cfg = _config(tmp_path, "broken")
+    (tmp_path / "acts.pt").unlink()
+    with pytest.raises(RuntimeError) as err:
+        launch(cfg, nproc=2)
+    msg = str(err.value)
+    assert "--- rank 1" in msg and "--- rank 0" in msg
+    assert "No such file or directory" in msg.split("--- rank 1")[1]

@@ -128,7 +128,7 @@ def wrap(sae: nn.Module, loss_fn=None, world: World | None = None):
 
     device = next(sae.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(LossModule(sae, loss_fn), device_ids=ids, broadcast_buffers=True)
+    return DDP(LossModule(sae, loss_fn), device_ids=ids, forward_sync_buffers=True)
 
 
 def any_fired(fired: torch.Tensor, world: World) -> torch.Tensor:

@@ -110,25 +110,40 @@ def main(argv=None) -> int:
 def launch(config: str | Path, nproc: int = 1, stop_at: int | None = None, extra: list[str] | None = None):
     """Run ``lib.sae.train`` on ``config`` in ``nproc`` processes (``torchrun --standalone``) and wait.
 
-    For notebooks: ``launch("run.json", nproc=2)``; raises with the processes' output when one fails.
+    For notebooks: ``launch("run.json", nproc=2)``.  When a process fails, the error names every
+    rank's exit and ends with the last lines each rank wrote (from torchrun's per-rank logs), with
+    Python's stack for a rank that died in C++ (``PYTHONFAULTHANDLER``: a SIGABRT in gloo says where).
     """
     import os
     import subprocess
     import sys
+    import tempfile
 
-    cmd = [sys.executable, "-m", "lib.sae.train", "--config", str(config)]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "lib.sae.train", "--config", str(config)]
-    if stop_at is not None:
-        cmd += ["--stop-at", str(stop_at)]
-    cmd += extra or []
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"SAE training ({nproc} process{'es' if nproc > 1 else ''}) failed with exit code "
-                           f"{proc.returncode}:\n{proc.stderr[-3000:]}")
+    with tempfile.TemporaryDirectory(prefix="sae_launch_") as logs:
+        cmd = [sys.executable, "-m", "lib.sae.train", "--config", str(config)]
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "--log-dir", logs, "--tee", "3", "-m", "lib.sae.train", "--config", str(config)]
+        if stop_at is not None:
+            cmd += ["--stop-at", str(stop_at)]
+        cmd += extra or []
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONFAULTHANDLER": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            per_rank = _rank_tails(Path(logs)) if nproc > 1 else ""
+            raise RuntimeError(f"SAE training ({nproc} process{'es' if nproc > 1 else ''}) failed with exit code "
+                               f"{proc.returncode}:\n{proc.stderr[-2500:]}{per_rank}")
     return proc
+
+
+def _rank_tails(logs: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of each rank's stderr under torchrun's ``--log-dir`` (warnings left out)."""
+    out = []
+    for f in sorted(logs.glob("**/stderr.log")):
+        text = [ln for ln in f.read_text(errors="replace").splitlines()
+                if ln.strip() and "Warning" not in ln and not ln.startswith("  warnings.warn")]
+        out.append(f"\n--- rank {f.parent.name} ({f.parent.parent.name}), last lines of stderr:\n" + "\n".join(text[-lines:]))
+    return "".join(out)
 
 
 def train_in_processes(sae_cfg: SAEConfig, train_cfg: TrainConfig, acts: torch.Tensor, nproc: int,
