@@ -123,9 +123,7 @@ def launch(config: str | Path, nproc: int = 1, stop_at: int | None = None, extra
     rank's exit and ends with the last lines each rank wrote (from torchrun's per-rank logs), with
     Python's stack for a rank that died in C++ (``PYTHONFAULTHANDLER``: a SIGABRT in gloo says where).
     """
-    import os
     import subprocess
-    import sys
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="sae_launch_") as logs:
