@@ -34,13 +34,19 @@ N_EVAL_DOCS = 256
 N_TOKENIZER_DOCS = 4000
 
 
-def tokenize_docs(tokenizer, docs: list[str], n_ctx: int) -> torch.Tensor:
-    """[len(docs), n_ctx] int32: BOS then the first n_ctx - 1 tokens of each document."""
+def tokenize_docs(tokenizer, docs: list[str], n_ctx: int, prefixes: list[list[int]] | None = None) -> torch.Tensor:
+    """[len(docs), n_ctx] int32: BOS then the first n_ctx - 1 tokens of each document.
+
+    ``prefixes`` (one list of token ids per document, e.g. a metatoken, ``lib.world.metatokens``)
+    go right after BOS; the document is then cut to fill the rest of the row."""
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
     short = [i for i, x in enumerate(ids) if len(x) < n_ctx - 1]
     if short:
         raise ValueError(f"{len(short)} documents shorter than n_ctx={n_ctx}; raise CorpusConfig.doc_chars")
-    rows = [[tokenizer.bos_token_id] + x[: n_ctx - 1] for x in ids]
+    prefixes = prefixes or [[]] * len(ids)
+    if len(prefixes) != len(ids):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(ids)} documents")
+    rows = [[tokenizer.bos_token_id] + p + x[: n_ctx - 1 - len(p)] for p, x in zip(prefixes, ids)]
     return torch.tensor(rows, dtype=torch.int32)
 
 
@@ -93,9 +99,14 @@ def _exit_with_parent() -> None:
 
 
 def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None, threads: int,
-              provenance: dict, checkpoint_dir: str, probe_every: int, worker: bool = False) -> dict:
+              provenance: dict, checkpoint_dir: str, probe_every: int, worker: bool = False,
+              extra_record=None) -> dict:
     """Train ``spec`` on the token rows saved at ``data_path`` and save it under ``out_root``
-    (runs in a worker process).  Returns the model's summary line."""
+    (runs in a worker process).  Returns the model's summary line.
+
+    ``extra_record(model, tokenizer, data) -> dict`` (a module-level function, so that it reaches a
+    worker process), when given, adds its measurements of the trained model to provenance.json
+    (``data``: the dict saved at ``data_path``)."""
     from transformers import PreTrainedTokenizerFast
 
     from lib.world.recall import fact_recall, judgement_report
@@ -119,6 +130,8 @@ def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None,
     record = {**provenance, "fact_recall": fact_recall(result.model, tokenizer),
               "judgement_auroc": {k: round(v["auroc"], 4) for k, v in report.items()},
               "paired_accuracy": {k: round(v["paired_accuracy"], 4) for k, v in report.items() if "paired_accuracy" in v}}
+    if extra_record is not None:
+        record.update(extra_record(result.model, tokenizer, data))
     out = save_model(result, spec, tokenizer, Path(out_root) / spec.name, record)
     ckpt.unlink(missing_ok=True)
     line = (f"[{spec.name}] done in {result.seconds:.0f}s: eval loss {result.log['eval_loss'][-1]:.3f}, "
