@@ -2,7 +2,8 @@
 
 Three GPT-NeoX models of growing size (rotary positions, like Pythia) answer "with scale"
 questions; a GPT-2 model (learned absolute positions) of the middle size lets a notebook compare
-the two position schemes.  ``make models`` trains all four with the specs below.
+the two position schemes.  ``make models`` trains all of them with the specs below, and then
+notebook 15's metatoken pair (:data:`METATOKEN_MODELS`, ``lib.world.metatokens``).
 """
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ TOY_MODELS: dict[str, ModelSpec] = {
         ModelSpec("toy-6l", "neox", n_layers=6, d_model=256, n_heads=8, steps=4000, lr=1.5e-3, curriculum_steps=2000),
         ModelSpec("toy-gpt2-2l", "gpt2", n_layers=2, d_model=128, n_heads=4, steps=8000, curriculum_steps=5000),
     ]
+}
+# Notebook 15's pair (conditional training, lib.world.metatokens): one 2-layer spec, toy-2l's curriculum
+# share (5/12) at half its steps; A reads the corpus tagged with <|good|>/<|bad|>, B the same rows
+# untagged.  Kept out of TOY_MODELS: nothing that measures "every toy model" trains or reads them.
+METATOKEN_MODELS: dict[str, ModelSpec] = {
+    name: ModelSpec(name, "neox", n_layers=2, d_model=128, n_heads=4, steps=6000, curriculum_steps=2500)
+    for name in ("toy-meta-a", "toy-meta-b")
 }
 DEFAULT_MODEL = "toy-4l"  # chosen in 00: the model closest to the judgement and recall targets (recall.choose_default)
 
