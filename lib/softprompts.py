@@ -259,7 +259,7 @@ def cosine_lr(step: int, steps: int, warmup: int) -> float:
 @dataclass
 class TrainResult:
     prompt: SoftPrompt
-    log: dict  # "step", "loss" (train, mean nats per row), "eval_loss" (when eval rows are given)
+    log: dict  # "step", "loss" (train, mean nats per row), "eval_step", "eval_loss"
     steps_run: int
     stopped_early: bool
 
@@ -267,67 +267,131 @@ class TrainResult:
 LossFn = Callable[[torch.Tensor, SoftBatch], torch.Tensor]
 
 
-def train(model, prompts: Sequence[str], targets: Sequence[str], k: int, *, init: str = "vocab",
-          init_text: str | None = None, steps: int = 300, lr: float = 0.05, weight_decay: float = 0.0,
-          warmup: int = 10, batch_size: int = 32, eval_prompts: Sequence[str] | None = None,
-          eval_targets: Sequence[str] | None = None, eval_every: int = 25, patience: int = 4,
-          target_loss: float | None = None, loss_fn: LossFn | None = None, seed: int = 0,
-          prepend_bos: bool = True, desc: str | None = None) -> TrainResult:
+@dataclass
+class Task:
+    """One soft prompt to train: its (prompt, target) rows, optional held-out rows for early
+    stopping (default: the training rows), its seed (initialisation and row order), an optional
+    loss ``loss_fn(logits, batch) -> scalar`` (default: mean summed target NLL) and a name."""
+
+    prompts: Sequence[str]
+    targets: Sequence[str]
+    eval_prompts: Sequence[str] | None = None
+    eval_targets: Sequence[str] | None = None
+    seed: int = 0
+    loss_fn: LossFn | None = None
+    init_text: str | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        self.prompts, self.targets = list(self.prompts), list(self.targets)
+        if len(self.prompts) != len(self.targets) or not self.prompts:
+            raise ValueError(f"need as many targets as prompts (got {len(self.prompts)} and "
+                             f"{len(self.targets)}), at least one")
+        if (self.eval_prompts is None) != (self.eval_targets is None):
+            raise ValueError("give eval_prompts and eval_targets together")
+
+
+def concat(batches: Sequence[SoftBatch], pad_id: int = 0) -> SoftBatch:
+    """The rows of several batches of one layout (same ``soft_start`` and ``k``) in one batch."""
+    if len({(b.soft_start, b.k) for b in batches}) != 1:
+        raise ValueError("batches with different soft-prompt layouts cannot be joined")
+    width = max(b.tokens.shape[1] for b in batches)
+
+    def grow(x: torch.Tensor, fill) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill)
+
+    return SoftBatch(torch.cat([grow(b.tokens, pad_id) for b in batches]),
+                     torch.cat([grow(b.attention_mask, False) for b in batches]),
+                     torch.cat([grow(b.target_mask, False) for b in batches]), batches[0].soft_start, batches[0].k)
+
+
+def train(model, prompts: Sequence[str], targets: Sequence[str], k: int, *, eval_prompts=None, eval_targets=None,
+          seed: int = 0, loss_fn: LossFn | None = None, init_text: str | None = None, **options) -> TrainResult:
     """Train a k-token soft prompt so that the frozen ``model`` continues each prompt with its target.
 
-    The loss is the mean over rows of the summed target NLL (nats), or ``loss_fn(logits, batch)``.
-    AdamW on the soft vectors only, cosine schedule with ``warmup``; minibatches of ``batch_size``
-    rows drawn with ``seed``.  Early stopping: every ``eval_every`` steps the loss on the eval rows
-    (the training rows when none are given) is measured; training stops after ``patience`` checks
-    without improvement, or once it is below ``target_loss``, and the best prompt is returned.
+    One :class:`Task` through :func:`train_many`; ``options`` are its (init, steps, lr, ...)."""
+    task = Task(prompts, targets, eval_prompts, eval_targets, seed=seed, loss_fn=loss_fn, init_text=init_text)
+    return train_many(model, [task], k, **options)[0]
+
+
+def train_many(model, tasks: Sequence[Task], k: int, *, init: str = "vocab", steps: int = 300, lr: float = 0.05,
+               weight_decay: float = 0.0, warmup: int = 10, batch_size: int = 32, eval_every: int = 25,
+               patience: int = 4, target_loss: float | None = None, prepend_bos: bool = True,
+               desc: str | None = None) -> list[TrainResult]:
+    """Train one k-token soft prompt per task, all in the same forward passes.
+
+    Each step draws ``batch_size`` rows of every task still training; row r sees its task's
+    prompt, and the loss is the sum over tasks of each task's mean loss, so each prompt's gradient
+    is the one it would get alone.  AdamW (elementwise, so the prompts do not interact) with a
+    cosine schedule after ``warmup`` steps.  Early stopping per task: every ``eval_every`` steps
+    its held-out loss is measured; a task stops after ``patience`` checks without improvement or
+    once below ``target_loss``, keeps its best prompt, and leaves the batch.  Training one prompt
+    per seed or behavior this way fills a GPU; on a CPU, which a batch of ~64 rows already keeps
+    busy, it is about as fast as one run after another.
     """
-    prompts, targets = list(prompts), list(targets)
-    if len(prompts) != len(targets) or not prompts:
-        raise ValueError(f"need as many targets as prompts (got {len(prompts)} and {len(targets)}), at least one")
-    if (eval_prompts is None) != (eval_targets is None):
-        raise ValueError("give eval_prompts and eval_targets together")
-    ev_p, ev_t = (prompts, targets) if eval_prompts is None else (list(eval_prompts), list(eval_targets))
+    if not tasks:
+        raise ValueError("no tasks to train")
     device = _device(model)
-    start = init_embeddings(model, k, init, text=init_text, seed=seed).float().to(device)
-    emb = torch.nn.Parameter(start.clone())
+    P = len(tasks)
+    start = torch.stack([init_embeddings(model, k, init, text=t.init_text, seed=t.seed).float() for t in tasks])
+    emb = torch.nn.Parameter(start.to(device))
     opt = torch.optim.AdamW([emb], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
-    gen = torch.Generator().manual_seed(seed)
-    full = make_batch(model, prompts, targets, k, prepend_bos)  # tokenized once; steps take rows of it
-    ev = make_batch(model, ev_p, ev_t, k, prepend_bos)
+    gens = [torch.Generator().manual_seed(t.seed) for t in tasks]
+    full = [make_batch(model, t.prompts, t.targets, k, prepend_bos) for t in tasks]  # tokenized once
+    ev = [make_batch(model, t.eval_prompts or t.prompts, t.eval_targets or t.targets, k, prepend_bos) for t in tasks]
+    pad = _pad_id(model.tokenizer)
 
-    def evaluate() -> float:
+    def evaluate(p: int) -> float:
+        fn = tasks[p].loss_fn or _mean_nll
         with torch.no_grad():
-            losses = [(loss_fn or _mean_nll)(forward(model, emb.detach(), b), b) * len(b) for b in ev.chunks(128)]
-            return float(sum(losses)) / len(ev)
+            return float(sum(fn(forward(model, emb[p].detach(), b), b) * len(b) for b in ev[p].chunks(128))) / len(ev[p])
 
-    log: dict = {"step": [], "loss": [], "eval_step": [], "eval_loss": []}
-    best, best_emb, bad, stopped = math.inf, emb.detach().clone(), 0, False
-    step = 0
+    logs = [{"step": [], "loss": [], "eval_step": [], "eval_loss": []} for _ in tasks]
+    best = [math.inf] * P
+    best_emb = [emb[p].detach().clone() for p in range(P)]
+    bad, steps_run = [0] * P, [steps] * P
+    active = list(range(P))
     with frozen(model):
-        for step in progress(range(steps), desc=desc or f"soft prompt k={k}", leave=False):
-            b = full.rows(torch.randperm(len(full), generator=gen)[:batch_size])
-            loss = (loss_fn or _mean_nll)(forward(model, emb, b), b)
+        for step in progress(range(steps), desc=desc or f"soft prompts k={k} x{P}", leave=False):
+            parts = [full[p].rows(torch.randperm(len(full[p]), generator=gens[p])[:batch_size]) for p in active]
+            b = concat(parts, pad)
+            owner = torch.cat([torch.full((len(x),), p, dtype=torch.long) for p, x in zip(active, parts)]).to(device)
+            logits = forward(model, emb[owner], b)
+            row_nll = token_nll(logits, b) if any(tasks[p].loss_fn is None for p in active) else None
+            losses, row = [], 0
+            for p, x in zip(active, parts):  # one NLL pass for all rows: slicing logits per task costs more
+                fn = tasks[p].loss_fn
+                losses.append(row_nll[row:row + len(x)].mean() if fn is None
+                              else fn(logits[row:row + len(x), :x.tokens.shape[1]], x))
+                row += len(x)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.stack(losses).sum().backward()
             opt.step()
             sched.step()
-            log["step"].append(step)
-            log["loss"].append(float(loss.detach()))
+            for p, value in zip(active, losses):
+                logs[p]["step"].append(step)
+                logs[p]["loss"].append(float(value.detach()))
             if (step + 1) % eval_every == 0 or step == steps - 1:
-                value = evaluate()
-                log["eval_step"].append(step + 1)
-                log["eval_loss"].append(value)
-                if value < best - 1e-4:
-                    best, best_emb, bad = value, emb.detach().clone(), 0
-                else:
-                    bad += 1
-                if (target_loss is not None and value <= target_loss) or bad >= patience:
-                    stopped = step < steps - 1
+                for p in list(active):
+                    value = evaluate(p)
+                    logs[p]["eval_step"].append(step + 1)
+                    logs[p]["eval_loss"].append(value)
+                    if value < best[p] - 1e-4:
+                        best[p], best_emb[p], bad[p] = value, emb[p].detach().clone(), 0
+                    else:
+                        bad[p] += 1
+                    if (target_loss is not None and value <= target_loss) or bad[p] >= patience:
+                        active.remove(p)
+                        steps_run[p] = step + 1
+                if not active:
                     break
-    meta = {"k": k, "init": init, "seed": seed, "lr": lr, "steps_run": step + 1, "best_eval_loss": best,
-            "model": getattr(model, "compendium_name", None)}
-    return TrainResult(SoftPrompt(best_emb, meta), log, step + 1, stopped)
+    results = []
+    for p, t in enumerate(tasks):
+        meta = {"k": k, "init": init, "seed": t.seed, "lr": lr, "steps_run": steps_run[p], "best_eval_loss": best[p],
+                "task": t.name, "model": getattr(model, "compendium_name", None)}
+        results.append(TrainResult(SoftPrompt(best_emb[p], meta), logs[p], steps_run[p], steps_run[p] < steps))
+    return results
 
 
 def loss_gradient_norm(model, prompt: SoftPrompt, prompts: Sequence[str], targets: Sequence[str],
@@ -344,46 +408,165 @@ def loss_gradient_norm(model, prompt: SoftPrompt, prompts: Sequence[str], target
 # --------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------
+def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    logits = logits.float().cpu()
+    if temperature > 0:
+        return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
+    return logits.argmax(-1)
+
+
+def _generate_cached(model, emb, rows: list[list[int]], soft_start: int, k: int, max_new_tokens: int,
+                     temperature: float, gen: torch.Generator) -> list[list[int]]:
+    """Generation through the Hugging Face model under the bridge with its KV cache: the soft
+    vectors replace the token embeddings (``inputs_embeds``), as ``hook_embed`` does in the bridge.
+    Rows of one length run together (no padding)."""
+    hf = model.original_model
+    embed = hf.get_input_embeddings()
+    device = embed.weight.device
+    out: list[list[int] | None] = [None] * len(rows)
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_len.setdefault(len(r), []).append(i)
+    for length in sorted(by_len):
+        idx = by_len[length]
+        x = embed(torch.tensor([rows[i] for i in idx], device=device))
+        if emb is not None:
+            x = torch.cat([x[:, :soft_start], emb.to(device, x.dtype).expand(len(idx), -1, -1), x[:, soft_start + k:]], 1)
+        res = hf(inputs_embeds=x, use_cache=True)
+        new = []
+        for t in range(max_new_tokens):
+            nxt = _pick(res.logits[:, -1], temperature, gen)
+            new.append(nxt)
+            if t < max_new_tokens - 1:
+                res = hf(input_ids=nxt[:, None].to(device), past_key_values=res.past_key_values, use_cache=True)
+        for j, i in enumerate(idx):
+            out[i] = [int(n[j]) for n in new]
+    return out
+
+
 @torch.no_grad()
 def generate(model, prompt: SoftPrompt | torch.Tensor | None, prompts: Sequence[str], max_new_tokens: int = 20,
              temperature: float = 0.0, seed: int = 0, stop_at: str | None = None, prepend_bos: bool = True,
-             batch_size: int = 64) -> list[str]:
+             batch_size: int = 64, use_cache: bool = True) -> list[str]:
     """Continue each prompt after [BOS] + soft prompt: greedy when ``temperature`` is 0, sampled
-    otherwise (seeded).  Returns the generated text only, cut after the first ``stop_at``."""
+    otherwise (seeded).  Returns the generated text only, cut after the first ``stop_at``.
+
+    ``use_cache`` (default): run the Hugging Face model under the bridge with a KV cache, the soft
+    vectors given as input embeddings (greedy output identical to the bridge's, tested); hooks
+    added to the bridge do not apply there.  ``use_cache=False`` reruns the bridge on the whole
+    sequence for every new token (slow; with the bridge's hooks)."""
     emb = prompt.embeddings if isinstance(prompt, SoftPrompt) else prompt
-    k = 0 if emb is None else emb.shape[0]
+    k = 0 if emb is None else emb.shape[-2]
     tok = model.tokenizer
     gen = torch.Generator().manual_seed(seed)
     n_ctx = getattr(model.cfg, "n_ctx", None)
-    out: list[str] = []
-    for s in range(0, len(prompts), batch_size):
-        b = make_batch(model, list(prompts[s:s + batch_size]), None, k, prepend_bos)
-        lengths = b.attention_mask.sum(1)
-        width = int(lengths.max()) + max_new_tokens
-        if n_ctx and width > n_ctx:
-            raise ValueError(f"prompt + {max_new_tokens} new tokens = {width} > n_ctx={n_ctx}")
-        tokens = torch.full((len(b), width), _pad_id(tok), dtype=torch.long)
-        tokens[:, :b.tokens.shape[1]] = b.tokens
-        new = torch.zeros((len(b), max_new_tokens), dtype=torch.long)
-        pos = lengths.clone()
-        for t in range(max_new_tokens):
-            cur = int(pos.max())
-            mask = torch.arange(cur)[None, :] < pos[:, None]
-            sb = SoftBatch(tokens[:, :cur], mask, torch.zeros_like(mask), b.soft_start, k)
-            logits = forward(model, emb, sb)[torch.arange(len(b)), (pos - 1).to(_device(model))].float().cpu()
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
-            new[:, t] = nxt
-            tokens[torch.arange(len(b)), pos] = nxt
-            pos = pos + 1
-        for row in new.tolist():
-            text = tok.decode(row)
-            if stop_at is not None and stop_at in text:
-                text = text[:text.index(stop_at) + len(stop_at)]
-            out.append(text)
+    b = make_batch(model, list(prompts), None, k, prepend_bos)
+    lengths = b.attention_mask.sum(1)
+    width = int(lengths.max()) + max_new_tokens
+    if n_ctx and width > n_ctx:
+        raise ValueError(f"prompt + {max_new_tokens} new tokens = {width} > n_ctx={n_ctx}")
+    cached = use_cache and hasattr(model, "original_model") and (emb is None or emb.dim() == 2)
+    if cached:
+        rows = [row[:n].tolist() for row, n in zip(b.tokens, lengths)]
+        new_rows = _generate_cached(model, emb, rows, b.soft_start, k, max_new_tokens, temperature, gen)
+    else:
+        new_rows = []
+        for s in range(0, len(b), batch_size):
+            part = b.rows(range(s, min(s + batch_size, len(b))))
+            n = part.attention_mask.sum(1)
+            tokens = torch.full((len(part), int(n.max()) + max_new_tokens), _pad_id(tok), dtype=torch.long)
+            tokens[:, :part.tokens.shape[1]] = part.tokens
+            new = torch.zeros((len(part), max_new_tokens), dtype=torch.long)
+            pos = n.clone()
+            for t in range(max_new_tokens):
+                cur = int(pos.max())
+                mask = torch.arange(cur)[None, :] < pos[:, None]
+                sb = SoftBatch(tokens[:, :cur], mask, torch.zeros_like(mask), part.soft_start, k)
+                e = emb[s:s + len(part)] if emb is not None and emb.dim() == 3 else emb
+                nxt = _pick(forward(model, e, sb)[torch.arange(len(part)), (pos - 1).to(_device(model))],
+                            temperature, gen)
+                new[:, t] = nxt
+                tokens[torch.arange(len(part)), pos] = nxt
+                pos = pos + 1
+            new_rows += new.tolist()
+    out = []
+    for row in new_rows:
+        text = tok.decode(row)
+        if stop_at is not None and stop_at in text:
+            text = text[:text.index(stop_at) + len(stop_at)]
+        out.append(text)
     return out
+
+
+def information_curve(model, behaviors: dict, ks: Sequence[int], seeds: Sequence[int], *, n_eval: int = 32,
+                      **options) -> tuple[list[dict], dict]:
+    """Train a soft prompt for every behavior x k x seed (one :func:`train_many` per k) and score it.
+
+    ``behaviors``: name -> an object with ``train_prompts``, ``train_targets``, ``test_prompts``,
+    ``test_targets``, ``success(generations) -> bool array`` and ``max_new_tokens(tokenizer)``
+    (:class:`lib.world.behaviors.Behavior`).  Early stopping reads the first ``n_eval`` training
+    rows; success and NLL are measured on the held-out rows.  Returns the rows (behavior, k, seed,
+    success, nll, bits_removed, steps) and ``{(behavior, k, seed): SoftPrompt}``; k = 0 rows are
+    the plain model.
+    """
+    rows, prompts, plain = [], {}, {}
+    for name, b in behaviors.items():
+        plain[name] = float(target_nll(model, None, b.test_prompts, b.test_targets).mean())
+        said = generate(model, None, b.test_prompts, b.max_new_tokens(model.tokenizer))
+        for seed in seeds:
+            rows.append({"behavior": name, "k": 0, "seed": seed, "success": float(b.success(said).mean()),
+                         "nll": plain[name], "bits_removed": 0.0, "steps": 0})
+    for k in progress(list(ks), desc="k"):
+        tasks = [Task(b.train_prompts, b.train_targets, b.train_prompts[:n_eval], b.train_targets[:n_eval],
+                      seed=seed, name=name) for name, b in behaviors.items() for seed in seeds]
+        for task, res in zip(tasks, train_many(model, tasks, k, **options)):
+            b = behaviors[task.name]
+            nll = float(target_nll(model, res.prompt, b.test_prompts, b.test_targets).mean())
+            said = generate(model, res.prompt, b.test_prompts, b.max_new_tokens(model.tokenizer))
+            rows.append({"behavior": task.name, "k": k, "seed": task.seed, "success": float(b.success(said).mean()),
+                         "nll": nll, "bits_removed": bits_removed(plain[task.name], nll, k), "steps": res.steps_run})
+            prompts[(task.name, k, task.seed)] = res.prompt
+    return rows, prompts
+
+
+def min_k(rows: Sequence[dict], level: float = 0.9) -> int | None:
+    """The smallest k whose mean success over seeds reaches ``level`` (None: no k did)."""
+    import pandas as pd
+
+    mean = pd.DataFrame(list(rows)).groupby("k")["success"].mean()
+    hit = mean[(mean >= level) & (mean.index > 0)]
+    return int(hit.index.min()) if len(hit) else None
+
+
+def fragility(model, prompt: SoftPrompt, prompts: Sequence[str], targets: Sequence[str],
+              eps: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0), n_draws: int = 4, seed: int = 0,
+              prepend_bos: bool = True) -> list[dict]:
+    """How the mean target NLL moves when each soft vector is pushed by a random direction of
+    norm ``eps * ||e_i||``: per eps, the mean and std over ``n_draws`` draws of the NLL increase,
+    and the mean norm of the NLL's gradient with respect to the soft vectors at the moved points.
+    All draws of one eps run as one batch (one prompt per row)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = _device(model)
+    e = prompt.embeddings.detach().float().to(device)
+    base = make_batch(model, list(prompts), list(targets), prompt.k, prepend_bos)
+    with torch.no_grad():
+        clean = float(token_nll(forward(model, e, base), base).mean())
+    rows = []
+    n = len(base)
+    batch = concat([base] * n_draws, _pad_id(model.tokenizer))
+    with frozen(model):
+        for value in eps:
+            noise = torch.randn((n_draws,) + tuple(e.shape), generator=gen).to(device)
+            noise = noise / noise.norm(dim=-1, keepdim=True) * e.norm(dim=-1, keepdim=True) * value
+            moved = torch.nn.Parameter(e.unsqueeze(0) + noise)
+            per_row = token_nll(forward(model, moved.repeat_interleave(n, dim=0), batch), batch)
+            per_draw = per_row.reshape(n_draws, n).mean(1)
+            per_draw.sum().backward()  # draw d's loss depends only on moved[d]
+            delta = (per_draw.detach() - clean).cpu().numpy()
+            rows.append({"eps": float(value), "clean_nll": clean, "delta_nll": float(delta.mean()),
+                         "delta_nll_std": float(delta.std(ddof=1)) if n_draws > 1 else 0.0,
+                         "grad_norm": float(moved.grad.flatten(1).norm(dim=1).mean())})
+    return rows
 
 
 def bits_removed(nll_plain: np.ndarray | float, nll_soft: np.ndarray | float, k: int) -> float:

@@ -155,3 +155,30 @@ def test_early_stopping_returns_the_best_prompt(tiny_bridges):
     assert result.stopped_early and result.steps_run == 5
     best = sp.target_nll(model, result.prompt, PROMPTS, targets).mean()
     assert best == pytest.approx(min(result.log["eval_loss"]), rel=1e-5)
+
+
+def test_training_prompts_together_is_training_them_apart(tiny_bridges):
+    """train_many: each prompt ends where it would alone (same seed, rows, schedule), also when
+    one task stops early and leaves the batch."""
+    model = tiny_bridges["neox"]
+    a = sp.Task(PROMPTS, [TARGET] * 4, seed=0, name="a")
+    b = sp.Task(PROMPTS[:3], [" France."] * 3, seed=7, name="b")
+    opts = dict(steps=12, lr=0.1, batch_size=2, eval_every=4, patience=1)
+    together = sp.train_many(model, [a, b], k=2, **opts)
+    for task, joint in zip((a, b), together):
+        alone = sp.train_many(model, [task], k=2, **opts)[0]
+        torch.testing.assert_close(joint.prompt.embeddings, alone.prompt.embeddings, rtol=1e-4, atol=1e-5)
+        assert joint.steps_run == alone.steps_run and joint.prompt.meta["task"] == task.name
+        np.testing.assert_allclose(joint.log["loss"], alone.log["loss"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_cached_generation_is_the_bridges(arch, tiny_bridges):
+    """The KV-cache path (the HF model under the bridge, soft vectors as input embeddings) says
+    what rerunning the bridge says, with and without a soft prompt, for prompts of several lengths."""
+    model = tiny_bridges[arch]
+    prompt = sp.SoftPrompt(sp.init_embeddings(model, 3, "random", seed=4) * 20)  # large: it must steer
+    for p in (None, prompt):
+        fast = sp.generate(model, p, PROMPTS, max_new_tokens=5)
+        slow = sp.generate(model, p, PROMPTS, max_new_tokens=5, use_cache=False)
+        assert fast == slow
