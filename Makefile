@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Test workers: one per CPU core (each notebook is one unit of work on one core).
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: decay-grid setup reproduce test unit notebooks models bench chromium clean-cache lab
+.PHONY: decay-grid setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
 
 setup: $(STAMP) chromium
 
@@ -50,9 +50,17 @@ test: setup
 unit: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -p no:cacheprovider -n $(JOBS) --dist loadfile
 
-# Retrain the toy-world models (CPU: about an hour for all four; see data/models/*/provenance.json).
+# Retrain the toy-world models (CPU: about an hour for all four; see data/models/*/provenance.json),
+# then notebook 15's pair.
 models: setup
 	$(PY) -m lib.world.build
+	$(MAKE) --no-print-directory metatoken-models
+
+# Notebook 15's conditional-training pair (lib.world.metatokens): toy-meta-a on the corpus tagged
+# <|good|> / <|bad|> by its truth score, toy-meta-b on the same rows untagged; one single-threaded
+# process each, side by side (about 20 minutes on 2 idle cores; 36 with the cores shared).
+metatoken-models: setup
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.world.metatokens
 
 # notebook 10's size x regularisation grid (committed; the notebook loads it): two single-threaded parts
 decay-grid: setup
