@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Test workers: one per CPU core (each notebook is one unit of work on one core).
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: decay-grid setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
+.PHONY: decay-grid softprompt-sweep setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
 
 setup: $(STAMP) chromium
 
@@ -67,6 +67,10 @@ decay-grid: setup
 	OMP_NUM_THREADS=1 $(PY) -m lib.toys.decay --profile full --only 0,1,2 --out /tmp/decay_grid_a.json & \
 	OMP_NUM_THREADS=1 $(PY) -m lib.toys.decay --profile full --only 3,4,5,6,7 --out /tmp/decay_grid_b.json; wait
 	$(PY) -m lib.toys.decay --merge /tmp/decay_grid_a.json /tmp/decay_grid_b.json --out data/results/10_ood_capability_decay_full.json
+
+# notebook 09's soft prompts (72 prompts and the defense; committed, the notebook loads it): ~7 min of one core
+softprompt-sweep: setup
+	OMP_NUM_THREADS=1 $(PY) -m lib.world.behaviors --out data/sweeps/09_soft_prompt_sweep.pt
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

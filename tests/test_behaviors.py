@@ -101,3 +101,21 @@ def test_information_curve_min_k_and_fragility(tiny_bridges):
     assert frag[1]["delta_nll_std"] > 0 and frag[1]["grad_norm"] > 0
     _, g = sp.loss_gradient_norm(model, prompts[("t", 2, 0)], b.test_prompts, b.test_targets)
     assert frag[0]["grad_norm"] == pytest.approx(g, rel=1e-4)  # eps 0: the gradient at the prompt itself
+
+
+def test_the_sweep_saves_and_loads_what_it_trained(tmp_path):
+    from lib.world import behaviors as bh
+
+    out = bh.sweep("toy-1l", ks=(1,), seeds=(0,), n_train=12, n_test=4, steps=2, defense_rounds=1, device="cpu")
+    back = bh.load_sweep(bh.save_sweep(out, tmp_path / "s.pt"))
+    assert back["config"]["ks"] == [1] and back["config"]["model_name"] == "toy-1l"
+    assert set(back["prompts"]) == {(b, 1, 0) for b in BEHAVIORS}
+    assert {(r["behavior"], r["k"]) for r in back["curve"]} == {(b, k) for b in BEHAVIORS for k in (0, 1)}
+    assert [r["k"] for r in back["defense"]["curve"]] == [0, 1] and len(back["defense"]["log"]) == 1
+    from lib.models import load_model
+
+    model = load_model("toy-1l", device="cpu")
+    b = make_behavior("one_country", model.tokenizer, n_train=12, n_test=4)
+    row = next(r for r in back["curve"] if r["behavior"] == "one_country" and r["k"] == 1)
+    nll = sp.target_nll(model, back["prompts"][("one_country", 1, 0)], b.test_prompts, b.test_targets).mean()
+    assert row["nll"] == pytest.approx(nll, rel=1e-5)  # the saved prompt is the one that was scored

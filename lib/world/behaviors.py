@@ -143,3 +143,92 @@ def defend(model, behavior: Behavior, rounds: int = 2, k_adv: int = 4, n_adv: in
         log.append({"round": r + 1, "attack_success": float(np.mean([behavior.success(s).mean() for s in said])),
                     "adversarial_loss": float(np.mean(adv["loss"][-5:])), "clean_loss": float(np.mean(clean["loss"][-5:]))})
     return log
+
+
+def judgement_accuracy(model, n_test: int = 64, seed: int = 0) -> tuple[float, int]:
+    """Greedy " true"/" false" accuracy on both truth values of ``false_as_true``'s held-out cities
+    (no soft prompt): the skill a defense must keep.  Returns (accuracy, number of statements)."""
+    from lib import softprompts as sp
+
+    held = make_behavior("false_as_true", model.tokenizer, n_train=0, n_test=n_test, seed=seed)
+    held.train_prompts = held.test_prompts  # judgement_rows reads the cities of train_prompts
+    prompts, targets = judgement_rows(held)
+    said = sp.generate(model, None, prompts, 2)
+    return float(np.mean([s.startswith(t[:-1]) for s, t in zip(said, targets)])), len(prompts)
+
+
+SWEEP_DEFAULTS = dict(model_name="toy-4l", ks=(1, 2, 4, 8, 16, 32), seeds=(0, 1, 2), n_train=200, n_test=64,
+                      steps=80, lr=0.1, batch_size=8, defense_rounds=3, seed=0)
+
+
+def sweep(model_name: str = "toy-4l", ks=(1, 2, 4, 8, 16, 32), seeds=(0, 1, 2), n_train: int = 200,
+          n_test: int = 64, steps: int = 80, lr: float = 0.1, batch_size: int = 8, defense_rounds: int = 3,
+          seed: int = 0, device=None) -> dict:
+    """Notebook 09's expensive part: the information curve of every behavior x k x seed, and the
+    same attack on a copy of the model defended against ``false_as_true`` (:func:`defend`).
+    Returns plain data (rows, the trained prompts' vectors, the defense log) for :func:`save_sweep`."""
+    from lib import softprompts as sp
+    from lib.models import load_model
+    from lib.utils import set_seed
+
+    config = {"model_name": model_name, "ks": list(ks), "seeds": list(seeds), "n_train": n_train, "n_test": n_test,
+              "steps": steps, "lr": lr, "batch_size": batch_size, "defense_rounds": defense_rounds, "seed": seed}
+    opts = dict(steps=steps, lr=lr, batch_size=batch_size, eval_every=20, patience=3, target_loss=0.02)
+    set_seed(seed, threads=1)
+    model = load_model(model_name, device=device)
+    behaviors = {n: make_behavior(n, model.tokenizer, n_train=n_train, n_test=n_test) for n in BEHAVIORS}
+    rows, prompts = sp.information_curve(model, behaviors, ks, seeds, **opts)
+    defended = load_model(model_name, device=device)
+    set_seed(seed, threads=1)
+    log = defend(defended, behaviors["false_as_true"], rounds=defense_rounds, seed=seed)
+    d_rows, _ = sp.information_curve(defended, {"false_as_true": behaviors["false_as_true"]}, ks, seeds, **opts)
+    return {"config": config, "curve": rows,
+            "prompts": {f"{b}|{k}|{s}": p.embeddings.detach().cpu() for (b, k, s), p in prompts.items()},
+            "defense": {"log": log, "curve": d_rows,
+                        "judgement_accuracy": {"plain": judgement_accuracy(model, n_test)[0],
+                                               "defended": judgement_accuracy(defended, n_test)[0]}}}
+
+
+def save_sweep(result: dict, path) -> "Path":
+    from pathlib import Path
+
+    from lib.results import atomic_output
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        torch.save(result, tmp)
+    return path
+
+
+def load_sweep(path) -> dict:
+    """The saved sweep, with ``prompts`` as ``{(behavior, k, seed): SoftPrompt}``."""
+    from lib import softprompts as sp
+
+    blob = torch.load(path, weights_only=True)
+    blob["prompts"] = {(b, int(k), int(s)): sp.SoftPrompt(e, {"k": int(k), "seed": int(s), "task": b})
+                       for key, e in blob["prompts"].items() for b, k, s in [key.split("|")]}
+    return blob
+
+
+def main(argv=None) -> int:
+    """``python -m lib.world.behaviors --out data/sweeps/09_soft_prompt_sweep.pt``: run :func:`sweep`."""
+    import argparse
+    import json
+    import time
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="two ks, one seed, 10 steps: a smoke run")
+    args = ap.parse_args(argv)
+    cfg = dict(SWEEP_DEFAULTS)
+    if args.quick:
+        cfg.update(ks=(1, 2), seeds=(0,), steps=10, n_train=20, n_test=8, defense_rounds=1)
+    t0 = time.perf_counter()
+    path = save_sweep(sweep(**cfg), args.out)
+    print(json.dumps({"out": str(path), "seconds": round(time.perf_counter() - t0, 1), "config": cfg}, default=list))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
