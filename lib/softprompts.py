@@ -415,21 +415,27 @@ def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> tor
     return logits.argmax(-1)
 
 
-def _generate_cached(model, emb, rows: list[list[int]], soft_start: int, k: int, max_new_tokens: int,
-                     temperature: float, gen: torch.Generator) -> list[list[int]]:
-    """Generation through the Hugging Face model under the bridge with its KV cache: the soft
-    vectors replace the token embeddings (``inputs_embeds``), as ``hook_embed`` does in the bridge.
-    Rows of one length run together (no padding)."""
-    hf = model.original_model
+@torch.no_grad()
+def generate_ids(hf, rows: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None, emb: torch.Tensor | None = None,
+                 soft_start: int = 0) -> list[list[int]]:
+    """New token ids after each row of ids, from a Hugging Face causal LM with its KV cache.
+
+    ``emb`` (k, d): vectors that replace the token embeddings of columns ``soft_start ..
+    soft_start + k - 1`` (given to the model as ``inputs_embeds``, as ``hook_embed`` does in the
+    bridge).  Greedy when ``temperature`` is 0, else sampled with ``generator``.  Rows of one
+    length run together (no padding), shortest first."""
     embed = hf.get_input_embeddings()
     device = embed.weight.device
+    gen = generator or torch.Generator().manual_seed(0)
+    k = 0 if emb is None else emb.shape[-2]
     out: list[list[int] | None] = [None] * len(rows)
     by_len: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         by_len.setdefault(len(r), []).append(i)
     for length in sorted(by_len):
         idx = by_len[length]
-        x = embed(torch.tensor([rows[i] for i in idx], device=device))
+        x = embed(torch.tensor([list(rows[i]) for i in idx], device=device))
         if emb is not None:
             x = torch.cat([x[:, :soft_start], emb.to(device, x.dtype).expand(len(idx), -1, -1), x[:, soft_start + k:]], 1)
         res = hf(inputs_embeds=x, use_cache=True)
@@ -468,7 +474,7 @@ def generate(model, prompt: SoftPrompt | torch.Tensor | None, prompts: Sequence[
     cached = use_cache and hasattr(model, "original_model") and (emb is None or emb.dim() == 2)
     if cached:
         rows = [row[:n].tolist() for row, n in zip(b.tokens, lengths)]
-        new_rows = _generate_cached(model, emb, rows, b.soft_start, k, max_new_tokens, temperature, gen)
+        new_rows = generate_ids(model.original_model, rows, max_new_tokens, temperature, gen, emb, b.soft_start)
     else:
         new_rows = []
         for s in range(0, len(b), batch_size):

@@ -165,28 +165,16 @@ def tag_prefixes(tokenizer, tags: list[str | None]) -> list[list[int]]:
     return [[ids[t]] if t else [] for t in tags]
 
 
-@torch.no_grad()
 def sample(model, tokenizer, prefix: list[str] | tuple[str, ...] = (), n: int = 64, max_new_tokens: int = 200,
-           temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[str]:
-    """``n`` texts sampled after BOS + ``prefix`` (metatokens), ``max_new_tokens`` each, at
-    ``temperature`` (no top-k / top-p), decoded without special tokens.  Deterministic in ``seed``."""
-    device = next(model.parameters()).device
+           temperature: float = 1.0, seed: int = 0) -> list[str]:
+    """``n`` texts sampled from a Hugging Face model after BOS + ``prefix`` (metatokens),
+    ``max_new_tokens`` each, at ``temperature`` (no top-k / top-p), decoded without special tokens.
+    Deterministic in ``seed``; the KV-cache loop is :func:`lib.softprompts.generate_ids`."""
+    from lib.softprompts import generate_ids
+
     start = [tokenizer.bos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in prefix]
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    texts: list[str] = []
-    for lo in range(0, n, batch_size):
-        m = min(batch_size, n - lo)
-        tokens = torch.tensor([start] * m, device=device)
-        past, step_in = None, tokens
-        for _ in range(max_new_tokens):
-            out = model(step_in, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            probs = torch.softmax(out.logits[:, -1].float().cpu() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=g).to(device)
-            tokens = torch.cat([tokens, nxt], dim=1)
-            step_in = nxt
-        texts += tokenizer.batch_decode(tokens[:, len(start):].cpu().tolist(), skip_special_tokens=True)
-    return texts
+    new = generate_ids(model, [start] * n, max_new_tokens, temperature, torch.Generator().manual_seed(seed))
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 def score_summary(texts: list[str]) -> dict:
