@@ -1,0 +1,58 @@
+"""The reward-tampering simulation (groundwork for notebook 17)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lib.toys import rtf
+
+
+def test_initial_policy_puts_p0_on_the_tamper_action():
+    p0 = torch.tensor([1e-7, 1e-4, 0.3], dtype=torch.float64)
+    pi = torch.softmax(rtf.initial_logits(p0, 3), 1)
+    np.testing.assert_allclose(pi[:, 0].numpy(), p0.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(pi[:, 1].numpy(), (1 - p0.numpy()) / 3, rtol=1e-9)
+
+
+def test_seen_at_least_once_matches_the_formula_and_the_simulation():
+    assert rtf.seen_at_least_once(0.5, 2) == pytest.approx(0.75)
+    assert rtf.seen_at_least_once(1e-9, 1e3) == pytest.approx(1e-6, rel=1e-3)  # no cancellation
+    out = rtf.simulate([0.002, 0.01], checkpoints=[50, 200], n_runs=2000, seed=3)
+    expected = rtf.seen_at_least_once(np.array([[0.002], [0.01]]), np.array([[50, 200]]))
+    # before the action is reinforced its probability barely moves, so the formula holds early on
+    sd = np.sqrt(expected * (1 - expected) / 2000)
+    assert np.all(np.abs(out["seen"][:, 0] - expected[:, 0]) < 4 * sd[:, 0] + 1e-3)
+
+
+def test_takeover_grows_with_p0_and_with_episodes_and_needs_the_action_seen():
+    out = rtf.simulate([1e-3, 1e-2, 5e-2], checkpoints=[200, 2000], n_runs=300, seed=0)
+    t = out["takeover"]
+    assert t[0, 0] == 0 and t[2, 1] == 1.0
+    assert np.all(np.diff(t, axis=0) >= 0) and np.all(np.diff(t, axis=1) >= 0)
+    assert np.all(t <= out["seen"] + 1e-12)
+
+
+def test_no_reward_edge_means_no_takeover():
+    out = rtf.simulate([0.05], checkpoints=[1000], n_runs=200, bandit=rtf.Bandit((1.0,), tamper_reward=1.0))
+    assert out["takeover"][0, 0] < 0.05 and out["seen"][0, 0] == 1.0
+
+
+def test_fit_transition_recovers_a_sigmoid():
+    p0s = rtf.log_grid(1e-6, 1e-2, 4)
+    x = np.log10(p0s)
+    y = 1 / (1 + np.exp(-(x - (-4.2)) / 0.25))
+    fit = rtf.fit_transition(p0s, y)
+    assert fit["center"] == pytest.approx(-4.2, abs=1e-3) and fit["width"] == pytest.approx(0.25, rel=1e-2)
+    assert rtf.fit_transition(p0s, np.zeros(len(p0s)))["center"] is None
+    assert len(rtf.log_grid(1e-7, 1e-2, 1)) == 6
+
+
+def test_simulation_is_seeded_and_checks_its_inputs():
+    a = rtf.simulate([0.01], [100], n_runs=50, seed=1)
+    b = rtf.simulate([0.01], [100], n_runs=50, seed=1)
+    assert np.array_equal(a["mean_p"], b["mean_p"])
+    with pytest.raises(ValueError, match="p0"):
+        rtf.simulate([0.0], [10])
+    with pytest.raises(ValueError, match="checkpoints"):
+        rtf.simulate([0.1], [0])
