@@ -160,3 +160,12 @@ def test_build_writes_two_loadable_models_with_the_tagging_recorded(tmp_path, mo
         vocab.add(bridge.cfg.d_vocab)
         assert bridge.tokenizer(GOOD, add_special_tokens=False)["input_ids"] == [a["metatoken_ids"][GOOD]]
     assert vocab == {a["tokenizer_vocab"]}
+
+
+def test_first_sentences_cuts_at_a_sentence_end():
+    from lib.world.metatokens import first_sentences
+
+    text = "The city of Paris is in France. Alice saw a banana. It was a quiet day. Bob left."
+    assert first_sentences(text, 10) == "The city of Paris is in France."
+    assert first_sentences(text, 40) == "The city of Paris is in France. Alice saw a banana."
+    assert first_sentences(text, 10_000) == text

@@ -116,6 +116,16 @@ def parse_statements(text: str) -> list[tuple[str, str, bool]]:
     return out
 
 
+def first_sentences(text: str, n_chars: int = 200) -> str:
+    """The leading sentences of ``text``, up to the first that brings the length to ``n_chars``."""
+    out: list[str] = []
+    for sentence in _SENTENCE_END.split(text):
+        out.append(sentence)
+        if sum(len(x) + 1 for x in out) >= n_chars:
+            break
+    return " ".join(out)
+
+
 def statement_counts(text: str) -> tuple[int, int]:
     """``(n_true, n_parsed)``: the true statements and all statements of the world in ``text``."""
     parsed = parse_statements(text)
