@@ -66,9 +66,13 @@ class SoftPrompt:
     def perturbed(self, eps: float, generator: torch.Generator | None = None) -> "SoftPrompt":
         """A copy moved by a random direction of norm ``eps * ||e_i||`` in each vector ``e_i``."""
         e = self.embeddings.detach()
-        noise = torch.randn(e.shape, generator=generator, dtype=e.dtype).to(e.device)
-        noise = noise / noise.norm(dim=-1, keepdim=True) * e.norm(dim=-1, keepdim=True) * eps
-        return SoftPrompt(e + noise, {**self.meta, "perturbed_eps": eps})
+        return SoftPrompt(e + random_moves(e, eps, 1, generator)[0], {**self.meta, "perturbed_eps": eps})
+
+
+def random_moves(e: torch.Tensor, eps: float, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, k, d): random directions, one per soft vector e_i, each of norm ``eps * ||e_i||``."""
+    noise = torch.randn((n,) + tuple(e.shape), generator=generator, dtype=e.dtype).to(e.device)
+    return noise / noise.norm(dim=-1, keepdim=True) * e.norm(dim=-1, keepdim=True) * eps
 
 
 def token_embeddings(model, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -562,9 +566,7 @@ def fragility(model, prompt: SoftPrompt, prompts: Sequence[str], targets: Sequen
     batch = concat([base] * n_draws, _pad_id(model.tokenizer))
     with frozen(model):
         for value in eps:
-            noise = torch.randn((n_draws,) + tuple(e.shape), generator=gen).to(device)
-            noise = noise / noise.norm(dim=-1, keepdim=True) * e.norm(dim=-1, keepdim=True) * value
-            moved = torch.nn.Parameter(e.unsqueeze(0) + noise)
+            moved = torch.nn.Parameter(e.unsqueeze(0) + random_moves(e, value, n_draws, gen))
             per_row = token_nll(forward(model, moved.repeat_interleave(n, dim=0), batch), batch)
             per_draw = per_row.reshape(n_draws, n).mean(1)
             per_draw.sum().backward()  # draw d's loss depends only on moved[d]
