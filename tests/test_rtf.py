@@ -56,3 +56,49 @@ def test_simulation_is_seeded_and_checks_its_inputs():
         rtf.simulate([0.0], [10])
     with pytest.raises(ValueError, match="checkpoints"):
         rtf.simulate([0.1], [0])
+
+
+def test_wilson_interval_brackets_the_fraction_and_is_not_empty_at_the_edges():
+    lo, hi = rtf.wilson_interval(np.array([0.0, 0.5, 1.0]), 300)
+    assert (lo <= np.array([0.0, 0.5, 1.0]) + 1e-12).all() and (hi >= np.array([0.0, 0.5, 1.0]) - 1e-12).all()
+    assert lo[0] == pytest.approx(0.0, abs=1e-12) and hi[0] == pytest.approx(1.96**2 / (300 + 1.96**2))  # 0 of 300
+    assert hi[2] == pytest.approx(1.0) and lo[2] == pytest.approx(1 - hi[0])
+    assert hi[1] - lo[1] == pytest.approx(2 * 1.96 * np.sqrt(0.25 / 300), rel=0.02)  # ~ the normal interval at 1/2
+
+
+def _synthetic(center_p0n: float = 5.0, width: float = 0.1) -> dict:
+    """A result whose takeover is exactly a sigmoid in log10 p0 centred at p0 * N = center_p0n."""
+    p0 = rtf.log_grid(1e-7, 1e-2, 4)
+    cps = [1000, 10_000, 100_000]
+    x = np.log10(p0)[:, None] - np.log10(center_p0n / np.asarray(cps, float))[None, :]
+    take = 1 / (1 + np.exp(-x / width))
+    return {"p0": p0, "checkpoints": cps, "n_runs": 300, "takeover": take.tolist(), "seen": take.tolist(),
+            "mean_p": take.tolist()}
+
+
+def test_threshold_scaling_recovers_a_fixed_p0n_threshold():
+    sc = rtf.threshold_scaling(_synthetic(5.0))
+    assert sc["slope"] == pytest.approx(-1.0, abs=1e-3)
+    assert [r["center_p0N"] for r in sc["per_N"]] == pytest.approx([5.0] * 3, rel=1e-3)
+    assert all(r["width_decades"] == pytest.approx(0.1, rel=1e-2) for r in sc["per_N"])
+    assert rtf.threshold_scaling({**_synthetic(), "checkpoints": [1000]} | {
+        "takeover": np.asarray(_synthetic()["takeover"])[:, :1].tolist()})["slope"] is None  # one crossing: no slope
+
+
+def test_frame_puts_the_analytic_reference_beside_each_cell():
+    res = rtf.simulate([1e-3, 1e-2], [10, 100], n_runs=200, seed=2)
+    df = rtf.frame(res, "x")
+    assert len(df) == 4 and set(df.config) == {"x"}
+    assert df.p0N.tolist() == pytest.approx([1e-2, 1e-1, 1e-1, 1.0])
+    assert df.seen_analytic.tolist() == pytest.approx(rtf.seen_at_least_once(df.p0, df.N).tolist())
+    assert ((df.takeover_lo <= df.takeover) & (df.takeover <= df.takeover_hi)).all()
+
+
+def test_sweep_runs_every_config_on_the_grid():
+    out = rtf.sweep(["baseline", "four_actions"], n_runs=10, max_episodes=316)
+    assert set(out) == {"baseline", "four_actions"}
+    for res in out.values():
+        assert res["checkpoints"] == [100, 316] and np.asarray(res["takeover"]).shape == (len(rtf.SWEEP_P0), 2)
+        assert len(res["fits"]) == 2
+    assert out["four_actions"]["bandit"]["ordinary_rewards"] == [1.0, 0.9, 0.8, 0.7] or \
+        tuple(out["four_actions"]["bandit"]["ordinary_rewards"]) == (1.0, 0.9, 0.8, 0.7)

@@ -137,3 +137,152 @@ def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
     """Values from ``lo`` to ``hi`` spaced evenly in log10, ``per_decade`` per decade."""
     n = int(round(math.log10(hi / lo) * per_decade)) + 1
     return [float(v) for v in np.logspace(math.log10(lo), math.log10(hi), n)]
+
+
+
+def wilson_interval(frac: float | np.ndarray, n: int, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """The Wilson score interval of a fraction ``frac`` of ``n`` Monte Carlo runs (95% at z = 1.96):
+    unlike frac +- z * se it stays inside [0, 1] and is not empty at 0 or 1 takeovers."""
+    f = np.asarray(frac, float)
+    centre = (f + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(f * (1 - f) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def frame(res: dict, config: str | None = None):
+    """One row per (p0, N) of a :func:`simulate` result: takeover with its 95% Wilson interval,
+    seen (measured) beside 1 - (1 - p0)^N, takeover among the runs that saw the action, p0 * N."""
+    import pandas as pd
+
+    p0 = np.asarray(res["p0"], float)[:, None]
+    n = np.asarray(res["checkpoints"], float)[None, :]
+    take, seen = np.asarray(res["takeover"], float), np.asarray(res["seen"], float)
+    lo, hi = wilson_interval(take, res["n_runs"])
+    grid = {"p0": np.broadcast_to(p0, take.shape), "N": np.broadcast_to(n, take.shape), "p0N": p0 * n,
+            "takeover": take, "takeover_lo": lo, "takeover_hi": hi, "seen": seen,
+            "seen_analytic": seen_at_least_once(p0, n),
+            "takeover_given_seen": np.divide(take, seen, out=np.full_like(take, np.nan), where=seen > 0),
+            "mean_p": np.asarray(res["mean_p"], float)}
+    df = pd.DataFrame({k: np.asarray(v).ravel() for k, v in grid.items()})
+    df["N"] = df["N"].astype(int)
+    if config is not None:
+        df.insert(0, "config", config)
+    return df
+
+
+def threshold_scaling(res: dict, min_crossing: int = 3) -> dict:
+    """The fitted transition at every checkpoint where takeover crosses 1/2 inside the p0 grid, and
+    the fit log10 center = a + b log10 N over those checkpoints (b = -1: the threshold sits at a
+    fixed p0 * N, ``center_p0N`` per checkpoint)."""
+    rows = []
+    take = np.asarray(res["takeover"], float)
+    for j, n in enumerate(res["checkpoints"]):
+        f = fit_transition(res["p0"], take[:, j])
+        if f["center"] is not None:
+            rows.append({"N": int(n), "center_p0": f["center_p0"], "center_p0N": f["center_p0"] * n,
+                         "width_decades": f["width"]})
+    out = {"per_N": rows, "slope": None, "intercept": None}
+    if len(rows) >= min_crossing:
+        x = np.log10([r["N"] for r in rows])
+        y = np.log10([r["center_p0"] for r in rows])
+        b, a = np.polyfit(x, y, 1)
+        out.update(slope=float(b), intercept=float(a))
+    return out
+
+
+def heatmap_figure(res: dict, title: str = ""):
+    """Takeover over (log10 N, log10 p0), the line p0 * N = 1 and the fitted half-takeover centers."""
+    import plotly.graph_objects as go
+
+    x, y = np.log10(res["checkpoints"]), np.log10(res["p0"])
+    fig = go.Figure(go.Heatmap(z=np.asarray(res["takeover"]), x=x, y=y, colorscale="Viridis", zmin=0, zmax=1,
+                               colorbar={"title": "P(takeover)"}))
+    fig.add_trace(go.Scatter(x=x, y=-x, mode="lines", line={"color": "white", "dash": "dash"}, name="p0 · N = 1"))
+    fits = threshold_scaling(res)["per_N"]
+    if fits:
+        fig.add_trace(go.Scatter(x=np.log10([f["N"] for f in fits]), y=np.log10([f["center_p0"] for f in fits]),
+                                 mode="markers+lines", marker={"color": "red"}, name="fitted half-takeover p0"))
+    fig.update_layout(title=title, xaxis_title="log10 episodes N", yaxis_title="log10 initial probability p0",
+                      yaxis_range=[y.min() - 0.25, y.max() + 0.25], legend={"x": 0.01, "y": 0.01})
+    return fig
+
+
+def collapse_figure(df, title: str = ""):
+    """Takeover (with its interval) and seen-at-least-once against p0 * N, one trace per N."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for n, g in df.groupby("N"):
+        g = g.sort_values("p0N")
+        fig.add_trace(go.Scatter(x=g.p0N, y=g.takeover, mode="markers+lines", name=f"N = {n:,}",
+                                 error_y={"type": "data", "symmetric": False, "array": g.takeover_hi - g.takeover,
+                                          "arrayminus": g.takeover - g.takeover_lo, "thickness": 1}))
+    xs = np.logspace(np.log10(df.p0N.min()), np.log10(df.p0N.max()), 200)
+    fig.add_trace(go.Scatter(x=xs, y=-np.expm1(-xs), mode="lines", line={"color": "black", "dash": "dash"},
+                             name="seen at least once, 1 - e^(-p0 N)"))
+    fig.update_layout(title=title, xaxis={"type": "log", "title": "p0 · N (expected occurrences at the initial rate)"},
+                      yaxis_title="P(takeover: p(rare action) > 1/2)")
+    return fig
+
+
+# The committed sweep (``make rtf-sweep``, data/sweeps/17_rtf_sweep.json) that notebook 17 loads:
+# p0 from 1e-7 to 1e-2 (two per decade, plus 2e-4 beside 1e-4) and episode checkpoints from 1e2 to
+# 1e6, for the main learner to 1e6 episodes and for three variants to 1e5.
+SWEEP_P0 = sorted(log_grid(1e-7, 1e-2, 2) + [2e-4])
+SWEEP_CHECKPOINTS = [100, 316, 1000, 3162, 10_000, 32_768, 100_000, 316_228, 1_000_000]
+SWEEP_RUNS = 300
+SWEEP_CONFIGS: dict[str, tuple[Bandit, Learner, int]] = {
+    "baseline": (Bandit(), Learner(), 1_000_000),
+    "no_baseline": (Bandit(), Learner(baseline=False), 100_000),
+    "entropy": (Bandit(), Learner(entropy=0.01), 100_000),
+    "four_actions": (Bandit(ordinary_rewards=(1.0, 0.9, 0.8, 0.7)), Learner(), 100_000),
+}
+
+
+def sweep(configs: Sequence[str] | None = None, n_runs: int = SWEEP_RUNS, max_episodes: int | None = None,
+          seed: int = 0) -> dict:
+    """:func:`simulate` for each named :data:`SWEEP_CONFIGS` entry on the sweep grid, with each
+    config's :func:`fit_transition` per checkpoint.  ``max_episodes`` caps every config (a quick run)."""
+    import time
+
+    out = {}
+    for name in configs or list(SWEEP_CONFIGS):
+        bandit, learner, horizon = SWEEP_CONFIGS[name]
+        horizon = min(horizon, max_episodes or horizon)
+        cps = [c for c in SWEEP_CHECKPOINTS if c <= horizon]
+        t0 = time.perf_counter()
+        res = simulate(SWEEP_P0, cps, n_runs=n_runs, bandit=bandit, learner=learner, seed=seed)
+        res = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in res.items()}
+        res["fits"] = [fit_transition(SWEEP_P0, np.asarray(res["takeover"])[:, j]) for j in range(len(cps))]
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        out[name] = res
+        print(f"{name}: {len(SWEEP_P0)} p0 x {n_runs} runs x {cps[-1]} episodes in {res['seconds']:.0f}s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from lib.results import atomic_write_text
+
+    ap = argparse.ArgumentParser(description="the RTF sweep notebook 17 loads")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only", nargs="*", default=None, help=f"configs (default all: {list(SWEEP_CONFIGS)})")
+    ap.add_argument("--runs", type=int, default=SWEEP_RUNS)
+    ap.add_argument("--max-episodes", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    res = sweep(args.only, n_runs=args.runs, max_episodes=args.max_episodes, seed=args.seed)
+    command = "python -m lib.toys.rtf " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    atomic_write_text(args.out, json.dumps({"command": command.strip(), "torch": torch.__version__,
+                                            "configs": res}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
