@@ -102,3 +102,17 @@ def test_sweep_runs_every_config_on_the_grid():
         assert len(res["fits"]) == 2
     assert out["four_actions"]["bandit"]["ordinary_rewards"] == [1.0, 0.9, 0.8, 0.7] or \
         tuple(out["four_actions"]["bandit"]["ordinary_rewards"]) == (1.0, 0.9, 0.8, 0.7)
+
+
+def test_the_mean_field_threshold_predicts_where_half_the_runs_take_over():
+    """p0 * N* = 1 / (2 lr (R_t - R_o)): 5 for the defaults; the simulation's half-takeover point
+    on a fine p0 grid at N = 2000 lands within 15% of it, and halving the learning rate doubles it."""
+    assert rtf.mean_field_threshold() == pytest.approx(5.0)
+    assert rtf.mean_field_threshold(learner=rtf.Learner(lr=0.05)) == pytest.approx(10.0)
+    assert rtf.mean_field_threshold(rtf.Bandit(ordinary_rewards=(1.0, 0.5))) is None
+    assert rtf.mean_field_threshold(rtf.Bandit(tamper_reward=0.5)) is None
+    n = 2000
+    p0s = rtf.log_grid(5e-4, 1e-2, 10)
+    res = rtf.simulate(p0s, [n], n_runs=400, seed=5)
+    fit = rtf.fit_transition(p0s, res["takeover"][:, 0])
+    assert fit["center_p0"] * n == pytest.approx(5.0, rel=0.15)

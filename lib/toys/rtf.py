@@ -140,6 +140,22 @@ def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
 
 
 
+
+def mean_field_threshold(bandit: Bandit = Bandit(), learner: Learner = Learner()) -> float | None:
+    """The p0 * N at which the mean-field dynamics take over, for one ordinary action.
+
+    With z the tamper logit minus the ordinary one and p = sigmoid(z), a tamper episode (chance p)
+    moves z by 2 lr (R_t - b)(1 - p) and an ordinary one (chance 1 - p) by -2 lr (R_o - b) p, so
+    E[dz] = 2 lr (R_t - R_o) p (1 - p) per episode whatever the baseline b.  For small p,
+    d(e^-z)/dt = -2 lr (R_t - R_o): e^-z reaches 0 (takeover) after N* = 1 / (2 lr (R_t - R_o) p0)
+    episodes, i.e. at p0 N* = 1 / (2 lr (R_t - R_o)) expected occurrences (5 for lr 0.1 and a reward
+    edge of 1).  None for several ordinary actions (their competition moves p before the rare action
+    is ever taken) or no reward edge; the entropy bonus is left out (a small correction)."""
+    if len(bandit.ordinary_rewards) != 1:
+        return None
+    edge = bandit.tamper_reward - bandit.ordinary_rewards[0]
+    return 1.0 / (2 * learner.lr * edge) if edge > 0 else None
+
 def wilson_interval(frac: float | np.ndarray, n: int, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
     """The Wilson score interval of a fraction ``frac`` of ``n`` Monte Carlo runs (95% at z = 1.96):
     unlike frac +- z * se it stays inside [0, 1] and is not empty at 0 or 1 takeovers."""
@@ -203,18 +219,21 @@ def heatmap_figure(res: dict, title: str = ""):
         fig.add_trace(go.Scatter(x=np.log10([f["N"] for f in fits]), y=np.log10([f["center_p0"] for f in fits]),
                                  mode="markers+lines", marker={"color": "red"}, name="fitted half-takeover p0"))
     fig.update_layout(title=title, xaxis_title="log10 episodes N", yaxis_title="log10 initial probability p0",
-                      yaxis_range=[y.min() - 0.25, y.max() + 0.25], legend={"x": 0.01, "y": 0.01})
+                      yaxis_range=[y.min() - 0.25, y.max() + 0.25],
+                      legend={"x": 0.01, "y": 0.01, "bgcolor": "rgba(120,120,120,0.8)", "font": {"color": "white"}})
     return fig
 
 
-def collapse_figure(df, title: str = ""):
-    """Takeover (with its interval) and seen-at-least-once against p0 * N, one trace per N."""
+def collapse_figure(df, title: str = "", by: str = "N"):
+    """Takeover (with its interval) and seen-at-least-once against p0 * N, one trace per value of
+    ``by`` (a column of :func:`frame`: "N", or "config" for one N and several learners)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for n, g in df.groupby("N"):
+    for key, g in df.groupby(by):
         g = g.sort_values("p0N")
-        fig.add_trace(go.Scatter(x=g.p0N, y=g.takeover, mode="markers+lines", name=f"N = {n:,}",
+        fig.add_trace(go.Scatter(x=g.p0N, y=g.takeover, mode="markers+lines",
+                                 name=f"N = {key:,}" if by == "N" else str(key),
                                  error_y={"type": "data", "symmetric": False, "array": g.takeover_hi - g.takeover,
                                           "arrayminus": g.takeover - g.takeover_lo, "thickness": 1}))
     xs = np.logspace(np.log10(df.p0N.min()), np.log10(df.p0N.max()), 200)
