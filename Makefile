@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Test workers: one per CPU core (each notebook is one unit of work on one core).
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: decay-grid softprompt-sweep setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
+.PHONY: decay-grid softprompt-sweep rtf-sweep retro-model setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
 
 setup: $(STAMP) chromium
 
@@ -51,10 +51,16 @@ unit: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -p no:cacheprovider -n $(JOBS) --dist loadfile
 
 # Retrain the toy-world models (CPU: about an hour for all four; see data/models/*/provenance.json),
-# then notebook 15's pair.
+# then notebook 15's pair and notebook 16's retrodictor.
 models: setup
 	$(PY) -m lib.world.build
 	$(MAKE) --no-print-directory metatoken-models
+	$(MAKE) --no-print-directory retro-model
+
+# Notebook 16's retrodictor (lib.world.retro): toy-2l's spec and rows, each row's text reversed
+# (about 25 minutes on 2 idle cores).
+retro-model: setup
+	$(PY) -m lib.world.retro
 
 # Notebook 15's conditional-training pair (lib.world.metatokens): toy-meta-a on the corpus tagged
 # <|good|> / <|bad|> by its truth score, toy-meta-b on the same rows untagged; one single-threaded
@@ -71,6 +77,10 @@ decay-grid: setup
 # notebook 09's soft prompts (72 prompts and the defense; committed, the notebook loads it): ~7 min of one core
 softprompt-sweep: setup
 	OMP_NUM_THREADS=1 $(PY) -m lib.world.behaviors --out data/sweeps/09_soft_prompt_sweep.pt
+
+# notebook 17's REINFORCE sweep (committed; the notebook loads it and reruns its short corner): ~15 min of one core
+rtf-sweep: setup
+	OMP_NUM_THREADS=1 $(PY) -m lib.toys.rtf --out data/sweeps/17_rtf_sweep.json
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -100,13 +100,16 @@ def _exit_with_parent() -> None:
 
 def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None, threads: int,
               provenance: dict, checkpoint_dir: str, probe_every: int, worker: bool = False,
-              extra_record=None) -> dict:
+              extra_record=None, probe_factory=None, forward_records: bool = True) -> dict:
     """Train ``spec`` on the token rows saved at ``data_path`` and save it under ``out_root``
     (runs in a worker process).  Returns the model's summary line.
 
     ``extra_record(model, tokenizer, data) -> dict`` (a module-level function, so that it reaches a
     worker process), when given, adds its measurements of the trained model to provenance.json
-    (``data``: the dict saved at ``data_path``)."""
+    (``data``: the dict saved at ``data_path``).  ``probe_factory(tokenizer) -> probe`` replaces
+    :func:`judgement_probe` as the skill logged during training, and ``forward_records=False`` skips
+    the fact recall and judgement that only a model reading text forward can be asked (both for the
+    reversed-text retrodictor, ``lib.world.retro``)."""
     from transformers import PreTrainedTokenizerFast
 
     from lib.world.recall import fact_recall, judgement_report
@@ -124,18 +127,22 @@ def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None,
     print(f"[{spec.name}] {spec.arch} {spec.n_layers}L d={spec.d_model}: {n_steps} steps x {spec.batch_size} "
           f"x {n_ctx} tokens, {threads} thread(s)", flush=True)
     result = train(spec, train_tokens, eval_tokens, len(tokenizer), steps=steps, checkpoint=ckpt,
-                   probe=judgement_probe(tokenizer), probe_every=probe_every,
+                   probe=(probe_factory or judgement_probe)(tokenizer), probe_every=probe_every,
                    first_phase_rows=data["first_phase_rows"], run_key=provenance["corpus"])
-    report = judgement_report(result.model, tokenizer)
-    record = {**provenance, "fact_recall": fact_recall(result.model, tokenizer),
-              "judgement_auroc": {k: round(v["auroc"], 4) for k, v in report.items()},
-              "paired_accuracy": {k: round(v["paired_accuracy"], 4) for k, v in report.items() if "paired_accuracy" in v}}
+    record = dict(provenance)
+    if forward_records:
+        report = judgement_report(result.model, tokenizer)
+        record.update({"fact_recall": fact_recall(result.model, tokenizer),
+                       "judgement_auroc": {k: round(v["auroc"], 4) for k, v in report.items()},
+                       "paired_accuracy": {k: round(v["paired_accuracy"], 4) for k, v in report.items()
+                                           if "paired_accuracy" in v}})
     if extra_record is not None:
         record.update(extra_record(result.model, tokenizer, data))
     out = save_model(result, spec, tokenizer, Path(out_root) / spec.name, record)
     ckpt.unlink(missing_ok=True)
-    line = (f"[{spec.name}] done in {result.seconds:.0f}s: eval loss {result.log['eval_loss'][-1]:.3f}, "
-            f"judgement AUROC " + " ".join(f"{k} {v:.2f}" for k, v in record["judgement_auroc"].items()) + f" -> {out}")
+    line = (f"[{spec.name}] done in {result.seconds:.0f}s: eval loss {result.log['eval_loss'][-1]:.3f}"
+            + (", judgement AUROC " + " ".join(f"{k} {v:.2f}" for k, v in record["judgement_auroc"].items())
+               if "judgement_auroc" in record else "") + f" -> {out}")
     print(line, flush=True)
     return {"name": spec.name, "seconds": result.seconds, "line": line}
 

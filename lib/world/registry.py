@@ -7,7 +7,7 @@ notebook 15's metatoken pair (:data:`METATOKEN_MODELS`, ``lib.world.metatokens``
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ METATOKEN_MODELS: dict[str, ModelSpec] = {
     name: ModelSpec(name, "neox", n_layers=2, d_model=128, n_heads=4, steps=6000, curriculum_steps=2500)
     for name in ("toy-meta-a", "toy-meta-b")
 }
+# Notebook 16's retrodictor (lib.world.retro): toy-2l's spec, seed, corpus rows and order, each row's
+# text reversed after BOS, so that it predicts the tokens before a chunk.  Kept out of TOY_MODELS too.
+RETRO_MODELS: dict[str, ModelSpec] = {"toy-2l-rev": replace(TOY_MODELS["toy-2l"], name="toy-2l-rev")}
+RETRO_FORWARD = {"toy-2l-rev": "toy-2l"}  # each retrodictor's forward twin
 DEFAULT_MODEL = "toy-4l"  # chosen in 00: the model closest to the judgement and recall targets (recall.choose_default)
 
 
