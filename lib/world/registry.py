@@ -3,7 +3,8 @@
 Three GPT-NeoX models of growing size (rotary positions, like Pythia) answer "with scale"
 questions; a GPT-2 model (learned absolute positions) of the middle size lets a notebook compare
 the two position schemes.  ``make models`` trains all of them with the specs below, and then
-notebook 15's metatoken pair (:data:`METATOKEN_MODELS`, ``lib.world.metatokens``).
+notebook 15's metatoken pair (:data:`METATOKEN_MODELS`, ``lib.world.metatokens``) and notebook 16's
+retrodictor (:data:`RETRO_MODELS`, ``lib.world.retro``).
 """
 from __future__ import annotations
 
