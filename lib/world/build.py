@@ -64,6 +64,15 @@ def first_phase_docs(cfg: CorpusConfig, seed: int, n_docs: int) -> list[str]:
     return generate_corpus(n_docs, seed=seed + 20_000, cfg=cfg.first_phase()) if n_docs else []
 
 
+def corpus_sizes(specs, steps: int | None = None, n_docs: int | None = None) -> tuple[int, int, int]:
+    """``(training documents, first-phase documents, n_ctx)`` of the corpus that trains ``specs``:
+    enough documents that the longest run reads each about once (``n_docs`` overrides), enough
+    first-phase ones for the longest curriculum, rows as wide as the widest context."""
+    n_train = n_docs or max(s.batch_size * (steps or s.steps) for s in specs)
+    n_first = max(s.batch_size * min(s.curriculum_steps, steps or s.steps) for s in specs)
+    return n_train, n_first, max(s.n_ctx for s in specs)
+
+
 def judgement_probe(tokenizer, max_rows: int = 300, names=None, min_population: int | None = None):
     """The skill logged during training: judgement AUROC per truth dataset (first ``max_rows``;
     ``names`` default all) and fact recall."""
@@ -167,12 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--jobs must be at least 1")
     specs = sorted((TOY_MODELS[n] for n in names), key=lambda s: -s.cost(args.steps))  # longest first
     out_root = args.out or paths.models_dir()
-    n_docs = args.n_docs or max(s.batch_size * (args.steps or s.steps) for s in specs)
+    n_docs, n_first, n_ctx = corpus_sizes(specs, args.steps, args.n_docs)
     t0 = time.perf_counter()
     cfg, train_docs, eval_docs, tokenizer = corpus_and_tokenizer(args.seed, n_train=n_docs)
-    n_first = max(s.batch_size * min(s.curriculum_steps, args.steps or s.steps) for s in specs)
     phase1 = first_phase_docs(cfg, args.seed, n_first)
-    n_ctx = max(s.n_ctx for s in specs)
     work = paths.cache_dir() / "build"
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / f"tokenizer-seed{args.seed}"

@@ -257,14 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     (name_a, spec_a), (name_b, spec_b) = METATOKEN_MODELS.items()
     if {**spec_a.to_dict(), "name": ""} != {**spec_b.to_dict(), "name": ""}:
         raise RuntimeError("the two metatoken models must share one spec")  # pragma: no cover
-    steps = args.steps or spec_a.steps
     out_root = args.out or paths.models_dir()
-    n_ctx = spec_a.n_ctx
-    n_docs = args.n_docs or spec_a.batch_size * steps
+    n_docs, n_first, n_ctx = build.corpus_sizes([spec_a], args.steps, args.n_docs)
     t0 = time.perf_counter()
     cfg, train_docs, eval_docs, tokenizer = build.corpus_and_tokenizer(args.seed, n_train=n_docs)
     add_metatokens(tokenizer)
-    n_first = spec_a.batch_size * min(spec_a.curriculum_steps, steps)
     phase1 = build.first_phase_docs(cfg, args.seed, n_first)
     docs = phase1 + train_docs
     scores = [truth_score(d) for d in docs]

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import PreTrainedTokenizerFast
 
     from lib.world import build
-    from lib.world.registry import RETRO_FORWARD, RETRO_MODELS
+    from lib.world.registry import RETRO_FORWARD, RETRO_MODELS, TOY_MODELS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=None, help="override the step count")
@@ -351,14 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     (name, spec), = RETRO_MODELS.items()
     out_root = args.out or paths.models_dir()
-    steps = args.steps or spec.steps
     # the corpus exactly as `python -m lib.world.build` makes it for every toy model
-    from lib.world.registry import TOY_MODELS
-
-    specs = list(TOY_MODELS.values())
-    n_docs = args.n_docs or max(s.batch_size * (args.steps or s.steps) for s in specs)
-    n_first = max(s.batch_size * min(s.curriculum_steps, args.steps or s.steps) for s in specs)
-    n_ctx = max(s.n_ctx for s in specs)
+    n_docs, n_first, n_ctx = build.corpus_sizes(list(TOY_MODELS.values()), args.steps, args.n_docs)
     t0 = time.perf_counter()
     cfg, train_docs, eval_docs, tokenizer = build.corpus_and_tokenizer(args.seed, n_train=n_docs)
     twin = paths.models_dir() / RETRO_FORWARD[name]
