@@ -14,6 +14,9 @@ Modules (one concern each; dependencies point down this list's lower layers, nev
   attribution, the setup recipe of notebooks 03-06).
 - ``toys/``: small synthetic models (compressed computation, XOR clusters, sequence languages and
   the capability-decay protocol of notebook 10).
+- ``softprompts``, ``finetune``: soft prompts, and fine-tuning (every weight, or LoRA adapters
+  through peft, with optional data mixing) on the same (prompt, target) rows.
+- ``ftbias``: notebook 12's fine-tuning bias read through SAE latents.
 - ``run``: the headless runner (``python -m lib.run``).
 
 Import what you need, e.g. ``from lib.models import load_model``.

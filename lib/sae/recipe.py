@@ -31,20 +31,25 @@ def activation_scale(acts: torch.Tensor) -> float:
 def train_on(acts: torch.Tensor, hook: str, d_sae: int, coefficient: float, *, total_tokens: int,
              batch_size: int, lr: float = 3e-3, seed: int = 0, architecture: str = "relu", model_name: str = "",
              context_size: int | None = None, sae_kwargs: dict | None = None,
-             device: str | torch.device = "cpu", processes: int = 1, **train_kwargs) -> SAE:
+             device: str | torch.device = "cpu", processes: int = 1, return_history: bool = False, **train_kwargs):
     """Train one SAE of ``architecture`` on ``acts`` [n, d] (shuffled by a :class:`TensorSource`
     seeded with ``seed``) for ``total_tokens`` activations; ``train_kwargs`` go to :class:`TrainConfig`
     and ``sae_kwargs`` to :class:`SAEConfig` (``k`` for TopK, ...).  ``processes > 1`` trains the
-    same SAE data-parallel under ``torchrun`` (:func:`lib.sae.train.train_in_processes`)."""
+    same SAE data-parallel under ``torchrun`` (:func:`lib.sae.train.train_in_processes`).
+    ``return_history``: return ``(sae, history)``, the trainer's records every ``log_every`` steps
+    (one process only)."""
     cfg = SAEConfig(d_in=acts.shape[1], d_sae=d_sae, architecture=architecture, hook_name=hook,
                     model_name=model_name, context_size=context_size, **(sae_kwargs or {}))
     tc = TrainConfig(total_tokens=total_tokens, batch_size=batch_size, lr=lr, seed=seed,
                      sparsity_coefficient=coefficient, **train_kwargs)
     if processes > 1:
+        if return_history:
+            raise ValueError("return_history needs processes=1")
         from lib.sae.train import train_in_processes
 
         return train_in_processes(cfg, tc, acts, processes, device=str(device))[0]
-    return train_sae(cfg, TensorSource(acts, batch_size, seed=seed, device=device), tc, device=device)[0]
+    sae, history = train_sae(cfg, TensorSource(acts, batch_size, seed=seed, device=device), tc, device=device)
+    return (sae, history) if return_history else sae
 
 
 @dataclass
