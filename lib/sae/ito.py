@@ -111,6 +111,68 @@ def ito_encode(W_dec: torch.Tensor, b_dec: torch.Tensor | None, x: torch.Tensor,
     return torch.cat(out).to(x.dtype) if out else x.new_zeros(0, W.shape[0])
 
 
+@torch.no_grad()
+def _support_lstsq(W: torch.Tensor, y: torch.Tensor, support: torch.Tensor, nonneg: bool) -> torch.Tensor:
+    """y [n, d] (centred), W [m, d], support [n, m] bool -> codes [n, m]: least squares on each row's
+    support, batched; with ``nonneg`` the rows whose solution has a negative coefficient are
+    re-solved exactly by non-negative least squares (Lawson-Hanson, scipy), one by one."""
+    n, m = support.shape
+    kmax = int(support.sum(-1).max()) if n else 0
+    if kmax == 0:
+        return y.new_zeros(n, m)
+    # each row's support atoms, padded with zero rows (masked out) to kmax
+    order = torch.sort(support.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :kmax]
+    valid = torch.gather(support, 1, order)  # [n, kmax]
+    A = W[order] * valid[..., None]  # [n, kmax, d]
+    gram = A @ A.transpose(1, 2)  # [n, kmax, kmax]
+    scale = gram.diagonal(dim1=1, dim2=2).amax(-1).clamp_min(1e-30)
+    eye = torch.eye(kmax, dtype=W.dtype, device=W.device)
+    # padded slots get a unit diagonal (their coefficient solves to 0); a tiny ridge keeps a
+    # rank-deficient support (duplicate atoms) solvable
+    gram = gram + eye * (~valid)[..., None].to(W.dtype) + eye * (1e-12 * scale)[:, None, None]
+    coef = torch.linalg.solve(gram, A @ y[..., None])[..., 0] * valid  # [n, kmax]
+    if nonneg:
+        from scipy.optimize import nnls
+
+        for i in ((coef < 0) & valid).any(-1).nonzero()[:, 0].tolist():
+            k = int(valid[i].sum())
+            sol, _ = nnls(A[i, :k].T.cpu().numpy(), y[i].cpu().numpy(), maxiter=50 * k)
+            coef[i] = 0
+            coef[i, :k] = torch.from_numpy(sol).to(coef)
+    return y.new_zeros(n, m).scatter(1, order, coef)
+
+
+def refit_support(W_dec: torch.Tensor, b_dec: torch.Tensor | None, x: torch.Tensor, codes: torch.Tensor,
+                  nonneg: bool = True, batch_size: int = 4096) -> torch.Tensor:
+    """Codes [n, d_sae] with the support of ``codes`` (the encoder's choice of latents) and the
+    magnitudes that minimise ``||x - (c @ W_dec + b_dec)||^2`` on that support: exact least squares
+    per input, with ``nonneg`` (SAE latents are non-negative) exact non-negative least squares.
+
+    The control that separates better *latents* from better *magnitudes*: ITO may change both,
+    this only the second, so encoder -> refit -> ITO splits the gain in two.
+    """
+    if codes.shape != (len(x), W_dec.shape[0]):
+        raise ValueError(f"codes must be [n, d_sae] = [{len(x)}, {W_dec.shape[0]}], got {tuple(codes.shape)}")
+    dev = W_dec.device
+    W = W_dec.detach().double()
+    b = b_dec.detach().double() if b_dec is not None else torch.zeros(W.shape[1], dtype=W.dtype, device=dev)
+    out = []
+    for i in range(0, len(x), batch_size):
+        y = x[i: i + batch_size].detach().to(dev).double() - b
+        out.append(_support_lstsq(W, y, codes[i: i + batch_size].to(dev) != 0, nonneg))
+    return torch.cat(out).to(x.dtype) if out else x.new_zeros(0, W.shape[0])
+
+
+def refit_sae(sae, x: torch.Tensor, codes: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """:func:`refit_support` for ``sae``'s decoder on the encoder's own support (or ``codes``'s)."""
+    p = next(sae.parameters())
+    x = x.to(p.device, p.dtype)
+    if codes is None:
+        with torch.no_grad():
+            codes = sae.encode(x)
+    return refit_support(sae.W_dec, sae.b_dec, x, codes, **kwargs)
+
+
 def ito_sae(sae, x: torch.Tensor, k: int | torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """ITO codes for ``sae``'s decoder; ``k=None`` matches the encoder's per-input L0."""
     p = next(sae.parameters())
@@ -130,16 +192,20 @@ def code_replacement(sae, coder: str = "encoder", T: float = 0.0, **ito_kwargs) 
     """A splice function ``a [..., d_in] -> decode(threshold(code(a), T))`` for ``lib.sae.splice``,
     carrying the SAE's ``hook_name`` (so splicing it needs no hook argument).
 
-    ``coder``: ``"encoder"`` (the SAE's own code) or ``"ito"`` (ITO at the encoder's per-token L0).
+    ``coder``: ``"encoder"`` (the SAE's own code), ``"support_refit"`` (the encoder's support with
+    least-squares magnitudes, :func:`refit_sae`) or ``"ito"`` (ITO at the encoder's per-token L0;
+    ``ito_kwargs`` go to :func:`ito_sae`).
     """
-    if coder not in ("encoder", "ito"):
-        raise ValueError(f"coder must be 'encoder' or 'ito', got {coder!r}")
+    coders = {"encoder": lambda flat: sae.encode(flat), "support_refit": lambda flat: refit_sae(sae, flat),
+              "ito": lambda flat: ito_sae(sae, flat, **ito_kwargs)}
+    if coder not in coders:
+        raise ValueError(f"coder must be one of {', '.join(map(repr, coders))}, got {coder!r}")
     p = next(sae.parameters())
 
     @torch.no_grad()
     def fn(a: torch.Tensor) -> torch.Tensor:
         flat = a.reshape(-1, a.shape[-1]).to(p.device, p.dtype)
-        f = sae.encode(flat) if coder == "encoder" else ito_sae(sae, flat, **ito_kwargs)
+        f = coders[coder](flat)
         return sae.decode(threshold_codes(f, T)).reshape(a.shape).to(a.device, a.dtype)
 
     fn.hook_name = sae.cfg.hook_name
@@ -148,7 +214,7 @@ def code_replacement(sae, coder: str = "encoder", T: float = 0.0, **ito_kwargs) 
 
 def threshold_sweep(sae, model, x: torch.Tensor, tokens, thresholds, codes: dict[str, torch.Tensor],
                     refine_steps: int = 0, context_size: int = 128) -> dict:
-    """Reconstruction and spliced CE of each code in ``codes`` (``"encoder"`` / ``"ito"``: [n, d_sae]
+    """Reconstruction and spliced CE of each code in ``codes`` (``"encoder"`` / ``"support_refit"`` / ``"ito"``: [n, d_sae]
     codes of ``x`` [n, d_in]) after zeroing activations below each threshold ``T``.
 
     Returns ``{"thresholds", "{name}_mse", "{name}_ve" (variance explained), "{name}_ce" (CE with
