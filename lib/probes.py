@@ -130,6 +130,24 @@ class DiffMeanProbe(LinearProbe):
         return self
 
 
+def best_threshold(scores: ArrayLike, y: ArrayLike) -> tuple[float, float]:
+    """``(t, accuracy)``: the threshold t that maximises the accuracy of ``scores > t`` as a
+    predictor of ``y`` (one orientation: higher scores mean 1), placed midway between consecutive
+    sorted scores (never between equal ones) or just outside their range; ties go to the lowest t."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = as_labels(y)
+    if len(s) != len(y) or not len(s):
+        raise ValueError(f"need as many labels as scores, at least one (got {len(s)} and {len(y)})")
+    order = np.argsort(s, kind="stable")
+    s, y = s[order], y[order]
+    # cut i: the i lowest scores predicted 0, the rest 1; correct = zeros below + ones above
+    correct = np.concatenate([[0], np.cumsum(y == 0)]) + (y.sum() - np.concatenate([[0], np.cumsum(y == 1)]))
+    cuts = np.concatenate([[s[0] - 1.0], (s[:-1] + s[1:]) / 2, [s[-1] + 1.0]])
+    allowed = np.concatenate([[True], s[:-1] < s[1:], [True]])
+    best = int(np.argmax(np.where(allowed, correct, -1)))
+    return float(cuts[best]), float(correct[best] / len(s))
+
+
 def pooled_within_class_covariance(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(d, d): covariance of ``X`` after subtracting each class's own mean."""
     centred = np.concatenate([X[y == c] - X[y == c].mean(0) for c in (0, 1)])

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from lib.datasets import XOR_SEP
-from lib.probes import LinearProbe, LogisticProbe, Split, as_labels
+from lib.probes import LinearProbe, LogisticProbe, Split, as_labels, best_threshold
 
 
 def xor_probe(C: float = 1.0) -> LogisticProbe:
@@ -82,12 +82,19 @@ def constant_b_generalization(X: np.ndarray, a, b, split: Split, b_train: int = 
     - ``b_varied_train``: trained on as many training rows drawn regardless of ``b``, tested on
       the same flipped rows.
     - ``*_same_b``: the two probes on held-out rows with ``b == b_train`` (in distribution for both).
+    - ``*_auroc``: each probe's AUROC on the flipped rows (threshold-free: 0.5 = no information,
+      below 0.5 = the direction points the wrong way);
+    - ``*_bias_refit``: its accuracy on the flipped rows once only its threshold is refit on the
+      training rows with ``b`` flipped (:func:`lib.probes.best_threshold`), direction and sign kept.  A drop
+      that the refit undoes is a threshold shift, not a direction flip.
 
     If the model represents ``a^b`` as strongly as ``a``, the b-constant probe's direction mixes
     ``a`` with ``a^b`` (within its data they are the same feature) and its accuracy drops, even
     below chance, once ``b`` flips.  Varying ``b`` in training decorrelates them.  ``probe``
     builds the probe (default :func:`xor_probe` with ``C``).
     """
+    from sklearn.metrics import roc_auc_score
+
     a, b = as_labels(a), as_labels(b)
     make = probe or (lambda: xor_probe(C))
     rng = np.random.default_rng(seed)
@@ -95,14 +102,29 @@ def constant_b_generalization(X: np.ndarray, a, b, split: Split, b_train: int = 
     varied = np.sort(rng.choice(split.train, size=len(const), replace=False))
     flipped = split.test[b[split.test] != b_train]
     same = split.test[b[split.test] == b_train]
+    train_flipped = split.train[b[split.train] != b_train]
     out = {}
     for name, rows in (("b_constant_train", const), ("b_varied_train", varied)):
         fitted = make().fit(X[rows], a[rows])
         for suffix, test in (("", flipped), ("_same_b", same)):
             out[name + suffix] = float((fitted.predict(X[test]) == a[test]).mean())
+        score = fitted.decision_function(X[flipped])
+        out[name + "_auroc"] = float(roc_auc_score(a[flipped], score))
+        # the direction (and its sign) kept, only the threshold refit on training rows with b flipped
+        t, _ = best_threshold(fitted.decision_function(X[train_flipped]), a[train_flipped])
+        out[name + "_bias_refit"] = float(((score > t) == a[flipped]).mean())
     out["n_train"] = int(len(const))
     out["n_test_flipped"] = int(len(flipped))
     return out
+
+
+def normalised_xor(table: pd.DataFrame, xor_feature: str) -> pd.Series:
+    """Per layer (rows of a :func:`probe_table`), how readable ``xor_feature`` is relative to the
+    weaker of its inputs: (acc(a^b) - 0.5) / (min over inputs of acc - 0.5); NaN where an input is
+    at chance or below (no input to compare with)."""
+    inputs = split_xor_name(xor_feature)
+    weaker = table[inputs].min(axis=1) - 0.5
+    return ((table[xor_feature] - 0.5) / weaker.where(weaker > 0)).rename(xor_feature)
 
 
 def synthetic_constant_b(xor_strength: float, sigma: float = 0.3, n: int = 4000, d: int = 3,
@@ -249,11 +271,15 @@ SHORT_NAMES = {"trained": "trained", "reset (re-initialised)": "reset", "reset (
 def results_record(model_name: str, n_rows: int, tables: Mapping[str, pd.DataFrame], split_std: Mapping[str, float],
                    split_min: Mapping[str, float], city_tables: Mapping[tuple[str, str], pd.DataFrame],
                    gen_model: pd.DataFrame, gen_synth: pd.DataFrame, synth: pd.DataFrame, grid: pd.DataFrame,
-                   layer: str) -> dict:
+                   layer: str, reset_draws: Mapping[str, dict] | None = None,
+                   normalised: Mapping[str, Mapping[str, pd.Series]] | None = None) -> dict:
     """Notebook 02's key numbers as ``data/results/02_xor_features.json`` stores them: the probe
     tables by network (``tables``, and ``city_tables[dataset, network]``), their spread over
     splits, the generalization failure (headline: ``has_true`` with ``has_banana`` fixed, at
-    ``layer``), and the synthetic tables (``grid``: sigma x c)."""
+    ``layer``, with the AUROC and bias-refit accuracy of both probes on the flipped rows), the
+    synthetic tables (``grid``: sigma x c), and optionally the reset networks over several draws
+    (``reset_draws[network] = {"mean", "std"}`` tables and ``"n"``) and the XOR readability
+    relative to the weaker input (``normalised[network][xor] = `` a series over layers)."""
     def by_layer(t: pd.DataFrame) -> dict:
         return {row: t.loc[row].to_dict() for row in t.index}
 
@@ -271,9 +297,16 @@ def results_record(model_name: str, n_rows: int, tables: Mapping[str, pd.DataFra
         "generalization_failure": {
             "dataset": "xor", "a": "has_true", "b": "has_banana", "layer": layer,
             **{k: float(head[k]) for k in ("b_constant_train", "b_varied_train", "b_constant_train_same_b")},
+            "auroc": {k: float(head[f"{k}_auroc"]) for k in ("b_constant_train", "b_varied_train")},
+            "bias_refit": {k: float(head[f"{k}_bias_refit"]) for k in ("b_constant_train", "b_varied_train")},
             "all": gen_model.to_dict(orient="records"),
             "synthetic": {str(c): r for c, r in gen_synth.to_dict(orient="index").items()},
         },
+        **({"reset_draws": {SHORT_NAMES[name]: {"n": int(d["n"]), "mean": by_layer(d["mean"]), "std": by_layer(d["std"])}
+                            for name, d in reset_draws.items()}} if reset_draws else {}),
+        **({"xor_normalised": {SHORT_NAMES[name]: {f: {k: (None if np.isnan(v) else float(v)) for k, v in ser.items()}
+                                                   for f, ser in got.items()} for name, got in normalised.items()}}
+           if normalised else {}),
         "synthetic": synth.to_dict(orient="index"),
         "synthetic_xor_grid": {str(s): {str(c): float(grid.loc[s, c]) for c in grid.columns} for s in grid.index},
     }

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lib import datasets, xor
-from lib.probes import train_test_indices
+from lib.probes import best_threshold, train_test_indices
 from lib.toys import xor_clusters as xc
 
 
@@ -232,3 +232,36 @@ def test_networks_yields_trained_then_the_two_resets(toy1):
     assert list(seen) == list(xor.NETWORKS)
     a, b, c = seen.values()
     assert not torch.allclose(a, b) and not torch.allclose(a, c) and not torch.allclose(b, c)
+
+
+def test_best_threshold_is_one_orientation_and_never_splits_ties():
+    t, acc = best_threshold(np.array([0.0, 1, 2, 3]), np.array([0, 0, 1, 1]))
+    assert 1 < t < 2 and acc == 1.0
+    t, acc = best_threshold(np.array([0.0, 1, 2, 3]), np.array([1, 1, 0, 0]))  # wrong way round: no cut helps
+    assert acc == 0.5
+    _, acc = best_threshold(np.array([0.0, 1, 1, 2]), np.array([0, 0, 1, 1]))  # the tie at 1 stays together
+    assert acc == 0.75
+    with pytest.raises(ValueError, match="as many labels"):
+        best_threshold(np.array([0.0, 1]), np.array([1]))
+
+
+def test_constant_b_auroc_and_bias_refit_tell_a_threshold_shift_from_a_flip():
+    """A pure threshold shift (the b-flipped rows moved along a's own direction) costs accuracy but
+    keeps AUROC 1, and refitting the bias restores it; an XOR direction stronger than a's (c = 2)
+    flips the direction: AUROC near 0 and no threshold helps."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    a, b = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    X = np.stack([a + 0.1 * rng.standard_normal(n) + 1.5 * (1 - b), 0.1 * rng.standard_normal(n)], 1)
+    r = xor.constant_b_generalization(X, a, b, train_test_indices(n, seed=0))
+    assert r["b_constant_train"] < 0.7 and r["b_constant_train_auroc"] > 0.99 and r["b_constant_train_bias_refit"] > 0.99
+    data = xc.gaussian_clusters(6000, sigma=0.3, xor_strength=2.0, seed=3)
+    r = xor.constant_b_generalization(data.X, data.a, data.b, train_test_indices(len(data.a), seed=0))
+    assert r["b_constant_train_auroc"] < 0.1 and r["b_constant_train_bias_refit"] < 0.6
+    assert r["b_varied_train_auroc"] > 0.95
+
+
+def test_normalised_xor_divides_by_the_weaker_input():
+    t = pd.DataFrame({"a": [0.9, 0.7, 0.5], "b": [0.8, 0.9, 0.9], "a^b": [0.65, 0.6, 0.7]}, index=["0", "1", "2"])
+    got = xor.normalised_xor(t, "a^b")
+    assert got["0"] == pytest.approx(0.15 / 0.3) and got["1"] == pytest.approx(0.1 / 0.2) and np.isnan(got["2"])

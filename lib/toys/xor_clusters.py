@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lib.probes import LogisticProbe, train_test_indices
+from lib.probes import LogisticProbe, best_threshold, train_test_indices
 
 FEATURES = ("a", "b", "a^b", "a&b")
 
@@ -93,14 +93,7 @@ def linear_accuracy(data: Clusters, feature: str, test_fraction: float = 0.25, s
 def best_threshold_accuracy(scores: np.ndarray, y: np.ndarray) -> float:
     """The best accuracy any threshold on the 1-D ``scores`` achieves (either orientation): the
     ceiling of a linear probe along that one direction."""
-    order = np.argsort(scores, kind="stable")
-    ys = np.asarray(y)[order]
-    n, pos = len(ys), int(ys.sum())
-    # predict 1 above the cut: correct = zeros below + ones above
-    zeros_below = np.concatenate([[0], np.cumsum(1 - ys)])
-    ones_above = pos - np.concatenate([[0], np.cumsum(ys)])
-    acc = (zeros_below + ones_above) / n
-    return float(max(acc.max(), (1 - acc).max()))
+    return max(best_threshold(scores, y)[1], best_threshold(-np.asarray(scores), y)[1])
 
 
 def best_linear_accuracy(data: Clusters, feature: str, n_angles: int = 720) -> float:
