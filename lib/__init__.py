@@ -17,6 +17,8 @@ Modules (one concern each; dependencies point down this list's lower layers, nev
 - ``softprompts``, ``finetune``: soft prompts, and fine-tuning (every weight, or LoRA adapters
   through peft, with optional data mixing) on the same (prompt, target) rows.
 - ``ftbias``: notebook 12's fine-tuning bias read through SAE latents.
+- ``rerouting``: notebook 13's harmful-request task, the assistant, and the three defenses (probe,
+  LoRA + head, representation rerouting) with their detection scores.
 - ``run``: the headless runner (``python -m lib.run``).
 
 Import what you need, e.g. ``from lib.models import load_model``.
