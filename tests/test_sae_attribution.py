@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from lib.sae.attribution import (active_nodes, attribution_patching, build_problem, compare_methods,
-                                 exact_patching, integrated_gradients, logit_diff_metric, metric_along_path)
+                                 country_patching_task, exact_patching, finite_difference_ig, integrated_gradients,
+                                 logit_diff_metric, metric_along_path)
 from lib.sae.base import SAEConfig, make_sae
 
 HOOK = "blocks.0.hook_resid_post"
@@ -148,3 +149,37 @@ def test_shapes_and_errors(tiny_bridges):
     pos[:, -1] = True
     prob = build_problem(model, _sae("relu", 32, 64), clean, corrupt, metric, positions=pos)
     assert bool((prob.delta[:, :-1] == 0).all())
+
+
+def test_finite_difference_ig_counts_the_jump_that_gradients_miss():
+    """Same JumpReLU set-up: along one latent's pre-activation path the finite-difference IG
+    telescopes to exact patching for every k (gradient IG does not, at a crossing); on the joint
+    path k = 1 is exact patching, and in latent space (a linear model) every k is."""
+    model = LinearStub()
+    clean, corrupt = _tokens(20, seed=2)
+    metric = logit_diff_metric(torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8]))
+    sae = _sae("jumprelu", 8, 16)
+    pre = build_problem(model, sae, clean, corrupt, metric, space="pre")
+    lat = build_problem(model, sae, clean, corrupt, metric, space="latent")
+    nodes = active_nodes(pre)
+    exact = exact_patching(pre, nodes)
+    for k in (1, 3, 16):
+        torch.testing.assert_close(finite_difference_ig(pre, nodes, k, path="single"), exact, rtol=1e-5, atol=1e-5)
+    gap = (integrated_gradients(pre, nodes, k=64, path="single", chunk=64) - exact).abs()
+    assert float(gap.max()) > 1e-2  # a crossing that gradient IG misses
+    torch.testing.assert_close(finite_difference_ig(pre, nodes, 1, path="joint"), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(finite_difference_ig(lat, nodes, 5, path="joint"), exact_patching(lat, nodes),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="k must be"):
+        finite_difference_ig(pre, nodes, 0)
+
+
+def test_task_subset_rebuilds_the_metric(tiny_bridges):
+    from lib.models import load_model
+
+    model = load_model("toy-1l", device="cpu")
+    task = country_patching_task(model, 4, seed=0)
+    one = task.subset([2])
+    assert one.clean.shape == (1, task.clean.shape[1]) and one.pairs == [task.pairs[2]]
+    logits = torch.randn(4, task.clean.shape[1], model.cfg.d_vocab)
+    torch.testing.assert_close(one.metric(logits[2:3]), task.metric(logits)[2:3])
