@@ -62,14 +62,20 @@ def test_threshold_codes():
     torch.testing.assert_close(threshold_codes(f, 0.0), f)
 
 
-def test_no_worse_than_the_encoder_at_matched_l0_on_a_trained_sae():
+@pytest.fixture(scope="module")
+def trained_sae():
+    """A ReLU SAE trained on sparse synthetic data, 512 held inputs, its encoder's codes and MSE."""
     x, _ = sparse_data(n=1024)
     sae, _ = train_sae(SAEConfig(d_in=16, d_sae=64), TensorSource(x, 256, seed=0),
                        TrainConfig(total_tokens=256 * 100, batch_size=256, lr=5e-3, sparsity_coefficient=0.3))
     x = x[:512]
     with torch.no_grad():
         f_enc = sae.encode(x)
-        mse_enc = float((sae.decode(f_enc) - x).pow(2).sum(-1).mean())
+        return sae, x, f_enc, float((sae.decode(f_enc) - x).pow(2).sum(-1).mean())
+
+
+def test_no_worse_than_the_encoder_at_matched_l0_on_a_trained_sae(trained_sae):
+    sae, x, f_enc, mse_enc = trained_sae
     f_ito = ito_sae(sae, x, refine_steps=5)
     with torch.no_grad():
         mse_ito = float((sae.decode(f_ito) - x).pow(2).sum(-1).mean())
@@ -122,14 +128,9 @@ def test_nonneg_support_refit_matches_nnls_and_never_leaves_the_support():
     assert float((ours - best).abs().max()) < 1e-9  # and reaches it
 
 
-def test_support_refit_beats_the_encoder_on_its_own_support():
-    x, _ = sparse_data(n=1024)
-    sae, _ = train_sae(SAEConfig(d_in=16, d_sae=64), TensorSource(x, 256, seed=0),
-                       TrainConfig(total_tokens=256 * 100, batch_size=256, lr=5e-3, sparsity_coefficient=0.3))
-    x = x[:512]
+def test_support_refit_beats_the_encoder_on_its_own_support(trained_sae):
+    sae, x, f_enc, mse_enc = trained_sae
     with torch.no_grad():
-        f_enc = sae.encode(x)
-        mse_enc = float((sae.decode(f_enc) - x).pow(2).sum(-1).mean())
         f_fit = refit_sae(sae, x)
         mse_fit = float((sae.decode(f_fit) - x).pow(2).sum(-1).mean())
         out = code_replacement(sae, "support_refit")(x.reshape(8, 64, 16))
