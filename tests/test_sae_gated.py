@@ -1,6 +1,7 @@
 """lib.sae.gated: the gated SAE's formulas, where each loss term's gradient goes, and that it trains."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lib.sae.base import SAEConfig, make_sae
@@ -98,3 +99,59 @@ def test_gated_trains_with_the_shared_trainer():
     assert float((f != 0).sum(-1).float().mean()) < 6  # ~2 true features per input
     cos = (dirs @ sae.W_dec.T).max(1).values
     assert float((cos > 0.9).float().mean()) > 0.5
+
+
+def test_w_gate_gets_the_reconstruction_gradient_b_gate_does_not():
+    """The docstring's claim: W_gate is tied to W_mag, so the reconstruction term alone moves W_enc;
+    it never moves b_enc (b_gate)."""
+    sae = _gated()
+    x = torch.randn(64, 6)
+    sae.loss(x, 0.0)["recon"].backward()
+    assert sae.W_enc.grad is not None and float(sae.W_enc.grad.abs().sum()) > 0
+    assert sae.b_enc.grad is None or float(sae.b_enc.grad.abs().sum()) == 0.0
+
+
+def test_gate_statistics_known_values():
+    from lib.sae.gated import gate_statistics
+
+    sae = make_sae(SAEConfig(d_in=2, d_sae=2, architecture="gated", normalize_decoder=False), seed=0)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.copy_(2 * torch.eye(2))  # decoder rows of norm 2
+        sae.b_dec.zero_()
+        sae.b_enc.zero_()
+        sae.b_mag.zero_()
+        sae.r_mag.copy_(torch.log(torch.tensor([100.0, 1.0])))  # latent 0: magnitude 100x its gate
+    x = torch.tensor([[0.01, 1.0], [0.02, -1.0], [-1.0, 2.0]])
+    st = gate_statistics(sae, x, tiny=0.05)
+    # open gates: (0,0) 0.01 [f 1.0], (0,1) 1.0 [f 1.0], (1,0) 0.02 [f 2.0], (2,1) 2.0 [f 2.0]
+    assert st["gate_open_per_token"] == pytest.approx(4 / 3)
+    assert st["mean_gate_preact"] == pytest.approx((0.01 + 1 + 0.02 - 1 - 1 + 2) / 6)
+    assert st["frac_alive"] == 1.0
+    assert st["frac_open_tiny"] == pytest.approx(0.5)  # the two latent-0 gates are < 5% of their f
+    assert st["gate_l1_per_token"] == pytest.approx(2 * (0.01 + 1 + 0.02 + 2) / 3)
+    assert st["mean_exp_r_mag"] == pytest.approx(50.5)
+    assert st["mean_w_gate_norm"] == pytest.approx(1.0)
+    assert st["open_mag_median"] == pytest.approx(1.0)  # torch.median: the lower middle of (1, 1, 2, 2)
+    # no gate open: tiny fraction 0, medians NaN
+    with torch.no_grad():
+        sae.b_enc.fill_(-10.0)
+    st = gate_statistics(sae, x)
+    assert st["gate_open_per_token"] == 0.0 and st["frac_open_tiny"] == 0.0
+
+
+def test_train_with_gate_trace_is_the_plain_run():
+    from lib.sae.gated import train_with_gate_trace
+
+    x, _ = sparse_data(n=1024)
+    cfg = SAEConfig(d_in=16, d_sae=32, architecture="gated_noaux")
+    tc = TrainConfig(total_tokens=128 * 30, batch_size=128, lr=5e-3, sparsity_coefficient=1.0, log_every=10)
+    sae, trace = train_with_gate_trace(cfg, tc, TensorSource(x, 128, seed=0), x[:256], every=8)
+    assert [r["step"] for r in trace] == [0, 8, 16, 24, 30]
+    ref, _ = train_sae(cfg, TensorSource(x, 128, seed=0), tc)
+    for a, b in zip(sae.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+    from lib.sae.gated import gate_statistics
+    assert trace[-1]["gate_open_per_token"] == pytest.approx(gate_statistics(ref, x[:256])["gate_open_per_token"])
+    with pytest.raises(ValueError, match="gated architecture"):
+        train_with_gate_trace(SAEConfig(d_in=16, d_sae=32), tc, TensorSource(x, 128, seed=0), x[:8], every=8)

@@ -85,3 +85,62 @@ def test_sae_gamma_matches_closed_form_on_its_reconstructions():
     with torch.no_grad():
         x_hat = sae(x)
     assert sae_gamma(sae, x, batch_size=64) == pytest.approx(gamma_closed_form(x_hat, x), rel=1e-9)
+
+
+def test_commenters_one_d_example_and_the_other_forms():
+    """The public comment's 1-D check: x = 1, x_hat = 1/2.  The definition's argmin is 1/2, as are the
+    correct closed form, the reverse form and the comment's projection form; the unsourced
+    'pythagorean' reconstruction gives the 1/sqrt(3) the comment quotes for the printed eq. (10)."""
+    from lib.sae.shrinkage import gamma_forms
+
+    forms = gamma_forms(torch.tensor([[0.5]]), torch.tensor([[1.0]]))
+    for key in ("numeric_argmin", "correct_closed_form", "reverse_form", "projection_form"):
+        assert forms[key] == pytest.approx(0.5, rel=1e-7)
+    assert forms["pythagorean_form"] == pytest.approx(1 / math.sqrt(3))
+    # several samples: x = (1, 2), x_hat = (1, 1): projection form = mean(1/1, 2/4) = 3/4
+    forms = gamma_forms(torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0], [2.0]]))
+    assert forms["projection_form"] == pytest.approx(0.75)
+    assert forms["correct_closed_form"] == pytest.approx(2 / 3)
+    # E||x||^2 = 5/2, E||x_hat - x||^2 = 1/2, E||x_hat||^2 = 1: sqrt(1 / 2)
+    assert forms["pythagorean_form"] == pytest.approx(math.sqrt(0.5))
+    # an exact reconstruction: every form is 1
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    assert all(v == pytest.approx(1.0, rel=1e-6) for v in gamma_forms(x.clone(), x).values())
+
+
+def test_value_at_interpolates_in_log_x_and_refuses_to_extrapolate():
+    from lib.sae.shrinkage import value_at
+
+    assert value_at([1, 4], [0.0, 2.0], 2) == pytest.approx(1.0)  # halfway in log 2
+    assert value_at([1, 4], [0.0, 2.0], 2, log_x=False) == pytest.approx(2 / 3)
+    assert value_at([4, 1, 16], [2.0, 0.0, 4.0], 8) == pytest.approx(3.0)  # unsorted input
+    assert value_at([1, 4], [0.0, 2.0], 4) == pytest.approx(2.0)
+    assert math.isnan(value_at([1, 4], [0.0, 2.0], 5)) and math.isnan(value_at([1, 4], [0.0, 2.0], 0.5))
+
+
+def test_shrinkage_point_matches_independent_computation():
+    from lib.sae.base import SAEConfig, make_sae
+    from lib.sae.shrinkage import shrinkage_point
+
+    sae = make_sae(SAEConfig(d_in=8, d_sae=16), seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.1)  # some latents off
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(2))
+    pt = shrinkage_point(sae, x)
+    with torch.no_grad():
+        f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        x_hat = f @ sae.W_dec + sae.b_dec
+    assert pt["l0"] == pytest.approx(float((f > 0).sum(-1).float().mean()))
+    assert 0 < pt["l0"] < 16
+    assert pt["gamma"] == pytest.approx(gamma_numeric(x_hat, x), rel=1e-6)
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert pt["var_explained"] == pytest.approx(1 - fvu, rel=1e-5)
+
+
+def test_mean_std_skips_missing_values():
+    from lib.sae.shrinkage import mean_std
+
+    assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert mean_std([1.0, float("nan"), None, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "n": 2}
+    assert mean_std([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1}
+    assert mean_std([float("nan")])["n"] == 0

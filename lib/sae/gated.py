@@ -6,18 +6,21 @@ Two paths share one encoder direction ``W_gate = W_enc`` [d_in, d_sae]:
 - magnitude: ``pi_mag  = (x - b_dec) @ (W_enc * exp(r_mag)) + b_mag``  (per-latent rescaling ``r_mag``)
 
 and the latents are ``f = 1[pi_gate > 0] * relu(pi_mag)``.  The Heaviside step passes no
-gradient, but ``W_gate`` is tied to the magnitude path's weights (``W_mag = W_enc * exp(r_mag)``),
-so the shared ``W_enc`` does receive the reconstruction gradient through ``pi_mag``; only the
-gate's bias ``b_enc`` (``b_gate``) learns solely through the two extra loss terms:
+gradient, but ``W_gate`` is tied to ``W_mag`` (``W_mag = W_gate * exp(r_mag)``, column-wise), so
+``W_gate`` receives the reconstruction gradient through the magnitude path; only ``b_gate``
+(``b_enc``) does not: it learns only from the sparsity and auxiliary terms:
 
     L = ||x - x_hat(f)||^2                                           (reconstruction)
       + lambda * sum_i relu(pi_gate)_i * ||W_dec[i]||                 (sparsity, on the gate)
       + ||x - (relu(pi_gate) @ sg(W_dec) + sg(b_dec))||^2             (auxiliary, frozen decoder)
 
 ``sg`` is stop-gradient (``detach``).  ``aux=False`` (or ``architecture="gated_noaux"``) drops the
-auxiliary term: the ablation of notebook 04, where the gate's bias is then trained by the
-sparsity penalty alone, which pushes every ``pi_gate`` down (``W_enc`` still learns through the
-magnitude path).
+auxiliary term: the ablation of notebook 04.  Then ``b_gate`` learns from the sparsity penalty
+alone, whose gradient on it is >= 0 everywhere (it only pushes gates shut), while ``W_gate`` still
+learns from the reconstruction (through ``W_mag``) and the sparsity term; since ``r_mag`` can grow
+while ``W_gate`` shrinks, gate pre-activations can become small without changing the magnitudes
+(the mechanism behind the "tiny but barely positive gates" hypothesis that
+:func:`gate_statistics` measures, and :func:`train_with_gate_trace` follows over training).
 
 Parameters follow the base layout (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``) plus ``r_mag`` and
 ``b_mag`` [d_sae], so the trainer, metrics and splicing take it unchanged.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lib.sae.base import SAE, SAEConfig, register
+from lib.sae.base import SAE, SAEConfig, make_sae, register
 
 
 @register("gated")
@@ -85,12 +88,55 @@ class GatedSAE(SAE):
 
 
 @torch.no_grad()
-def gate_statistics(sae: GatedSAE, x: torch.Tensor) -> dict[str, float]:
-    """How open the gates are on activations ``x`` [n, d_in]: gates open per token (``pi_gate > 0``),
-    the mean gate pre-activation, and the fraction of latents that fire on some input."""
+def gate_statistics(sae: GatedSAE, x: torch.Tensor, tiny: float = 0.05) -> dict[str, float]:
+    """How open the gates are on activations ``x`` [n, d_in], and how large the open ones are.
+
+    - ``gate_open_per_token``: mean number of latents with ``pi_gate > 0``;
+    - ``mean_gate_preact``: mean ``pi_gate`` over all latents and tokens;
+    - ``frac_alive``: fraction of latents that fire (``f != 0``) on some input;
+    - ``open_gate_median`` / ``open_mag_median``: medians of ``pi_gate`` and of ``f`` over the open
+      gates (so their ratio says how small a gate is next to the magnitude it lets through);
+    - ``frac_open_tiny``: fraction of open gates with ``pi_gate < tiny * f`` on the same (token,
+      latent): gates "barely positive" next to their own magnitude (0 when no gate is open);
+    - ``gate_l1_per_token``: the sparsity term ``mean_t sum_i relu(pi_gate)_ti ||W_dec[i]||``;
+    - ``mean_exp_r_mag``: mean magnitude-path rescaling ``exp(r_mag)`` (``W_mag = W_gate * exp(r_mag)``);
+    - ``mean_w_gate_norm``: mean column norm of ``W_gate``.
+    """
     gate = sae.gate_pre_acts(x)
-    return {"gate_open_per_token": float((gate > 0).float().sum(-1).mean()),
-            "mean_gate_preact": float(gate.mean()), "frac_alive": float((sae.encode(x) != 0).any(0).float().mean())}
+    f = sae.encode(x)
+    open_ = gate > 0
+    g_open, f_open = gate[open_], f[open_]
+    n_open = g_open.numel()
+    return {"gate_open_per_token": float(open_.float().sum(-1).mean()),
+            "mean_gate_preact": float(gate.mean()),
+            "frac_alive": float((f != 0).any(0).float().mean()),
+            "open_gate_median": float(g_open.median()) if n_open else float("nan"),
+            "open_mag_median": float(f_open.median()) if n_open else float("nan"),
+            "frac_open_tiny": float((g_open < tiny * f_open).float().mean()) if n_open else 0.0,
+            "gate_l1_per_token": float((torch.relu(gate) * sae.W_dec.norm(dim=-1)).sum(-1).mean()),
+            "mean_exp_r_mag": float(sae.r_mag.exp().mean()),
+            "mean_w_gate_norm": float(sae.W_enc.norm(dim=0).mean())}
+
+
+def train_with_gate_trace(cfg, tc, data, x_eval: torch.Tensor, every: int, device="cpu",
+                          tiny: float = 0.05) -> tuple[GatedSAE, list[dict]]:
+    """Train a gated SAE (``cfg``: an ``SAEConfig`` of architecture ``gated`` / ``gated_noaux``;
+    ``tc``: a ``TrainConfig``; ``data``: its batch source) and record :func:`gate_statistics` on
+    ``x_eval`` [n, d_in] at step 0 and every ``every`` steps (and at the end).  The run is the one
+    ``train_sae`` would make (the trainer is only paused to measure).  Returns ``(sae, trace)``,
+    each trace row ``{"step": s, **gate_statistics}``."""
+    from lib.sae.trainer import Trainer  # (here: the trainer's imports reach back into lib.sae)
+
+    sae = make_sae(cfg, seed=tc.seed).to(device)
+    if not isinstance(sae, GatedSAE):
+        raise ValueError(f"train_with_gate_trace needs a gated architecture, got {cfg.architecture!r}")
+    trainer = Trainer(sae, data, tc)
+    x_eval = x_eval.to(device)
+    trace = [{"step": 0, **gate_statistics(sae, x_eval, tiny)}]
+    while trainer.step < tc.n_steps:
+        trainer.fit(stop_at=min(tc.n_steps, trainer.step + every))
+        trace.append({"step": trainer.step, **gate_statistics(sae, x_eval, tiny)})
+    return sae, trace
 
 
 @register("gated_noaux")
