@@ -19,6 +19,7 @@ Modules (one concern each; dependencies point down this list's lower layers, nev
 - ``ftbias``: notebook 12's fine-tuning bias read through SAE latents.
 - ``rerouting``: notebook 13's harmful-request task, the assistant, and the three defenses (probe,
   LoRA + head, representation rerouting) with their detection scores.
+- ``rerouting_attack``: soft-prompt attacks on those defenses (white-box, k tokens, AUROC after attack).
 - ``run``: the headless runner (``python -m lib.run``).
 
 Import what you need, e.g. ``from lib.models import load_model``.

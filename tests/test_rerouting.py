@@ -154,3 +154,53 @@ def test_parameter_matched_mlp_probe(toy):
     probe = rr.MLPProbe(8, 32, seed=0)
     losses = probe.fit(X, y, steps=300, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0] and rr.auroc(probe.decision_function(X), y) > 0.95
+
+
+def test_soft_prompt_attack_reads_the_detectors_scores_and_lowers_them(toy):
+    """lib.rerouting_attack: at k = 0 the attack's differentiable scores are the notebook's scores (probe
+    logit through harvest, RR's 1 - cos, teacher-forced answers); a k = 1 prompt trained against a
+    probe lowers its logit on held-out harmful rows and the AUROC (attacked harmful vs clean harmless)."""
+    import copy
+
+    from lib import rerouting_attack as ra
+    from lib.probes import LogisticProbe
+    from lib.softprompts import make_batch
+    from lib.world import facts
+
+    hf, tok, bridge, split = toy
+    train, held = split["train"], split["test_entities"]
+    X = rr.last_acts(bridge, train.prompts, [0])[0]
+    probe = LogisticProbe(fit_bias=True, standardize=True).fit(X, train.labels)
+    det = ra.readout_detector(bridge, 0, ra.linear_readout(probe.direction, probe.bias))
+    prompts = held.prompts[:96]
+    clean = probe.decision_function(rr.last_acts(bridge, prompts, [0])[0])
+    assert np.allclose(ra.scores(det, None, prompts), clean, atol=1e-4)
+
+    bad, good = held.where(1)[:48], held.where(0)[:96]
+    prompt, losses = ra.train_attack(det, train.where(1)[:64], 1, steps=25, lr=0.1, batch_size=16, seed=0)
+    assert prompt.k == 1 and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+    before, after = ra.scores(det, None, bad), ra.scores(det, prompt, bad)
+    assert after.mean() < before.mean() - 1.0  # the attacked rows' logits fall
+    s0, y = ra.attacked_scores(det, None, bad, good)
+    s1, _ = ra.attacked_scores(det, prompt, bad, good)
+    assert np.array_equal(s0[len(bad):], s1[len(bad):])  # harmless rows are scored without the prompt
+    assert rr.auroc(s1, y) < rr.auroc(s0, y) - 0.1
+
+    moved = copy.deepcopy(hf)  # a stand-in for a rerouted model: perturbed weights
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
+    other = rr.as_bridge(moved, "toy-2l", "toy-2l+noise")
+    rer = ra.rerouting_detector(bridge, other, [0])
+    expected = rr.rerouting_scores(bridge, other, prompts[:32], [0])
+    assert np.allclose(ra.scores(rer, None, prompts[:32]), expected, atol=1e-5)
+    p_rr, _ = ra.train_attack(rer, train.where(1)[:64], 1, steps=15, lr=0.1, batch_size=16, seed=0)
+    assert ra.scores(rer, p_rr, bad).mean() < ra.scores(rer, None, bad).mean()
+    cities = facts.cities()[:64]  # the base model recalls countries: a mix of hits and misses
+    reqs, answers = [f"The city of {c.name} is in" for c in cities], [f" {c.country}." for c in cities]
+    hit = ra.answered_with(bridge, None, reqs, answers)
+    assert np.array_equal(hit, rr.answered(hf, tok, reqs, answers)) and 0 < hit.mean() < 1
+    assert ra.answered_with(bridge, prompt, reqs, answers).shape == (64,)
+    with pytest.raises(ValueError, match="k=0"):
+        det(prompt.embeddings, make_batch(bridge, bad[:2], None, 0))
