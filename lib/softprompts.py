@@ -197,9 +197,10 @@ def soft_hook(embeddings: torch.Tensor, start: int):
     return hook_fn
 
 
-def forward(model, prompt: SoftPrompt | torch.Tensor | None, batch: SoftBatch) -> torch.Tensor:
+def forward(model, prompt: SoftPrompt | torch.Tensor | None, batch: SoftBatch, hooks: Sequence = ()) -> torch.Tensor:
     """Logits (B, T, vocab) of ``batch`` with the soft vectors in place (``prompt`` None: k = 0;
-    a (B, k, d) tensor: one prompt per row)."""
+    a (B, k, d) tensor: one prompt per row); ``hooks``: more ``(name, fn)`` forward hooks (e.g. a
+    latent perturbation, :mod:`lib.elicitation`)."""
     emb = prompt.embeddings if isinstance(prompt, SoftPrompt) else prompt
     k = 0 if emb is None else emb.shape[-2]
     if k != batch.k:
@@ -207,7 +208,7 @@ def forward(model, prompt: SoftPrompt | torch.Tensor | None, batch: SoftBatch) -
     if emb is not None and emb.dim() == 3 and emb.shape[0] != len(batch):
         raise ValueError(f"{emb.shape[0]} per-row prompts for a batch of {len(batch)} rows")
     device = _device(model)
-    hooks = [] if emb is None else [(EMBED_HOOK, soft_hook(emb, batch.soft_start))]
+    hooks = ([] if emb is None else [(EMBED_HOOK, soft_hook(emb, batch.soft_start))]) + list(hooks)
     return model.run_with_hooks(batch.tokens.to(device), fwd_hooks=hooks,
                                 attention_mask=batch.attention_mask.long().to(device))
 

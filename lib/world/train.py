@@ -80,7 +80,8 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
           steps: int | None = None, eval_every: int = 100, ckpt_every: int = 250,
           checkpoint: Path | None = None, stop_at: int | None = None,
           probe: Callable[[torch.nn.Module], dict] | None = None, probe_every: int = 500,
-          first_phase_rows: int = 0, run_key: dict | None = None) -> TrainResult:
+          first_phase_rows: int = 0, run_key: dict | None = None,
+          init: torch.nn.Module | None = None) -> TrainResult:
     """Train ``spec`` on ``train_tokens`` [n_docs, n_ctx] (BOS-first rows), cycling through them.
 
     ``steps`` overrides ``spec.steps`` (quick runs).  With ``checkpoint``, resumes from it if it
@@ -91,12 +92,14 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
     A curriculum: with ``spec.curriculum_steps`` and ``first_phase_rows``, the first steps draw
     documents from the first ``first_phase_rows`` rows of ``train_tokens`` (the first-phase corpus)
     and later steps from the rest.  ``run_key`` (e.g. the corpus configuration) is saved in the
-    checkpoint with the spec; resuming from a checkpoint of another run is refused.
+    checkpoint with the spec; resuming from a checkpoint of another run is refused.  ``init`` (a Hugging
+    Face causal LM of ``spec``'s shape) is trained in place instead of a fresh model: a fine-tune or
+    continued training with the same loop (the backdoors of ``lib.backdoor``).
     """
     steps = steps or spec.steps
     spec = ModelSpec(**{**spec.to_dict(), "steps": steps})
     set_seed(spec.seed)
-    model = build_hf_model(spec, vocab_size)
+    model = build_hf_model(spec, vocab_size) if init is None else init
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
                             weight_decay=spec.weight_decay)
     log: dict = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "tokens_per_step":
