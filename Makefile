@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Test workers: one per CPU core (each notebook is one unit of work on one core).
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: decay-grid softprompt-sweep rtf-sweep retro-model backdoor-models setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
+.PHONY: decay-grid softprompt-sweep rtf-sweep cc-sweep retro-model backdoor-models setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
 
 setup: $(STAMP) chromium
 
@@ -90,6 +90,12 @@ softprompt-sweep: setup
 # notebook 17's REINFORCE sweep (committed; the notebook loads it and reruns its short corner): ~15 min of one core
 rtf-sweep: setup
 	OMP_NUM_THREADS=1 $(PY) -m lib.toys.rtf --out data/sweeps/17_rtf_sweep.json
+
+# notebook 07's sweep: every p and sigma, 3 seeds, 10,000 steps, and the p sweep at 1,000 (committed; the
+# notebook loads it and retrains four of its models live): ~30 min of one core, resumable (progress in
+# data/sweeps/07_cc_sweep.json.log, finished jobs in .partial.jsonl beside it)
+cc-sweep: setup
+	OMP_NUM_THREADS=1 $(PY) -m lib.toys.compressed_computation.sweep --out data/sweeps/07_cc_sweep.json
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -273,3 +273,105 @@ def test_attribution_table_shape():
     assert math.isclose(table["ablation"]["per_input_pearson"], 1.0, rel_tol=1e-9)
     for row in table.values():
         assert all(-1.0 - 1e-9 <= v <= 1.0 + 1e-9 for v in row.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# The committed sweep (lib.toys.compressed_computation.sweep) and the seed statistics
+# ----------------------------------------------------------------------------------------------
+_TINY = dict(n_features=20, d_resid=40, d_mlp=10, batch_size=128)
+
+
+def _tiny_plan():
+    return cc.sweep_plan(steps=20, short_steps=10, seeds=2, ps=(0.05, 0.1), sigma_p=0.1, sigma_scales=(2.0,),
+                         d_resid=_TINY["d_resid"])
+
+
+def test_sweep_plan_covers_every_p_and_sigma_with_every_seed():
+    (long_steps, long), (short_steps, short) = cc.sweep_plan(seeds=3)
+    assert (long_steps, short_steps) == (10_000, 1_000)
+    full = [s for s in long if s.parametrization is None]
+    for p in cc.sweep.PS:
+        for e in cc.EMBEDDINGS:
+            assert sorted(s.seed for s in full if s.p == p and s.embedding == e and s.sigma == 0) == [0, 1, 2]
+            assert sorted(s.seed for s in short if s.p == p and s.embedding == e) == [0, 1, 2]
+    sm = cc.matched_sigma(1000)
+    for k in cc.sweep.SIGMA_SCALES:
+        assert sorted(s.seed for s in full if s.mixing == "embedding" and math.isclose(s.sigma, k * sm)) == [0, 1, 2]
+    assert sorted(s.seed for s in full if s.mixing == "gaussian" and s.sigma > 0) == [0, 1, 2]
+    assert len(set(long)) == len(long)
+
+
+def test_sweep_rows_are_what_train_models_trains(tmp_path):
+    """The sweep (job by job, in this process) against train_models on the same specs and config."""
+    cfg = cc.TrainConfig(**_TINY)
+    plan = _tiny_plan()
+    res = cc.run_sweep(tmp_path / "s.json", plan, cfg, eval_rows=2000)
+    assert not (tmp_path / "s.json.partial.jsonl").exists() and (tmp_path / "s.json").exists()
+    assert res["config"]["steps"] == 20 and len(res["runs"]) == sum(len(s) for _, s in plan)
+    steps, specs = plan[0]
+    direct = cc.results_frame(cc.train_models(specs, cc.TrainConfig(**_TINY, steps=steps, log_every=1, workers=1),
+                                              eval_rows=2000))
+    df = cc.load_sweep(tmp_path / "s.json", steps=steps)
+    assert len(df) == len(direct)
+    merged = df.merge(direct, on=["p", "embedding", "sigma", "seed", "parametrization"], suffixes=("", "_direct"))
+    assert len(merged) == len(direct)
+    torch.testing.assert_close(torch.tensor(merged.loss_over_p.values), torch.tensor(merged.loss_over_p_direct.values),
+                               atol=0, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(merged.naive_empirical.values),
+                               torch.tensor(merged.naive_empirical_direct.values))
+
+
+def test_sweep_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from lib.toys.compressed_computation import sweep
+
+    cfg = cc.TrainConfig(**_TINY)
+    plan = _tiny_plan()
+    whole = cc.run_sweep(tmp_path / "a.json", plan, cfg, eval_rows=2000)
+    real, calls = sweep._job_rows, []
+
+    def dies_after_two(specs, c, rows):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(specs)
+        return real(specs, c, rows)
+
+    monkeypatch.setattr(sweep, "_job_rows", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        cc.run_sweep(tmp_path / "b.json", plan, cfg, eval_rows=2000)
+    assert not (tmp_path / "b.json").exists()
+    assert len((tmp_path / "b.json.partial.jsonl").read_text().splitlines()) == 2
+    calls.clear()
+    monkeypatch.setattr(sweep, "_job_rows", lambda *a: calls.append(a[0]) or real(*a))
+    again = cc.run_sweep(tmp_path / "b.json", plan, cfg, eval_rows=2000)
+    n_jobs = len((tmp_path / "b.json.log").read_text().split("job ")) - 1
+    assert len(calls) == n_jobs - 2 > 0  # only the jobs not yet done
+    assert again == whole
+
+
+def test_paired_verdict():
+    assert cc.paired_verdict([-0.010, -0.011, -0.009]) == "below"
+    assert cc.paired_verdict([0.010, 0.011, 0.009]) == "above"
+    # mean 0.001, sd 0.01: the 95% interval over 3 seeds is +- 0.025
+    assert cc.paired_verdict([0.011, -0.009, 0.001]) == "within noise"
+    assert cc.paired_verdict([0.5]) == "one seed"
+
+
+def test_naive_comparison_and_tables_on_known_numbers():
+    import pandas as pd
+
+    rows = []
+    for seed, (r, c) in enumerate([(0.070, 0.0835), (0.071, 0.0830), (0.069, 0.0840)]):
+        for e, v in (("random", r), ("clean", c)):
+            rows.append({"p": 0.01, "embedding": e, "sigma": 0.0, "sigma_scale": 0.0, "mixing": "", "seed": seed,
+                         "loss_over_p": v, "naive_loss_per_feature": 0.01 / 12, "naive_in_setting": 0.01 / 12,
+                         "naive_empirical": 0.01 * 0.0835, "parametrization": "full", "steps": 100})
+    df = pd.DataFrame(rows)
+    cmp = cc.naive_comparison(df).set_index("embedding")
+    assert cmp.loc["random", "vs_naive"] == "below" and cmp.loc["clean", "vs_naive"] == "within noise"
+    assert math.isclose(cmp.loc["random", "mean"], 0.070) and math.isclose(cmp.loc["random", "sd"], 0.001)
+    assert math.isclose(cmp.loc["clean", "diff"], 0.0, abs_tol=1e-12)
+    table = cc.sweep_table(df)
+    assert table.loc[0.01, "random"] == "0.0700 ± 0.0010" and table.loc[0.01, "clean vs naive"] == "within noise"
+    short = df.assign(loss_over_p=df.loss_over_p + 0.01, steps=10)
+    lt = cc.length_table(df, short)
+    assert set(lt.verdict) == {"below"} and list(lt.loc[0.01].index) == ["random", "clean"]

@@ -49,60 +49,127 @@ def results_frame(trained: TrainedModels, losses: torch.Tensor | None = None, na
     return pd.DataFrame(rows)
 
 
-def sweep_table(df, digits: int = 3):
-    """Loss / p per (p, embedding) of the sigma = 0 models, and whether they beat the naive baseline.
+def paired_verdict(diff) -> str:
+    """``"below"`` / ``"above"`` when the 95% t-interval of the mean of ``diff`` (one paired
+    difference per seed) excludes 0, ``"within noise"`` when it does not, ``"one seed"`` for one."""
+    import numpy as np
+    from scipy import stats
 
-    Columns: the naive baseline analytic (1/12) and measured on the same evaluation samples as
-    the models (``naive_emp``); per embedding the mean over seeds with the seeds' range, and
-    ``beats``: "yes" when every seed's loss is below the measured naive loss (a paired
-    comparison: same samples), "no" when every seed's is above, "mixed" otherwise;
-    ``naive_random``: the naive network left in the random embedding (interference uncorrected).
+    d = np.asarray(diff, dtype=float)
+    if len(d) < 2:
+        return "one seed"
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    m = float(d.mean())
+    return "below" if m + half < 0 else "above" if m - half > 0 else "within noise"
+
+
+def _naive_ref(g) -> float:
+    """Loss / p of the naive network in the clean problem, measured on the models' own samples at
+    this p (all models at a p share their evaluation samples); the analytic 1/12 without one."""
+    clean = g[g.embedding != "random"]
+    if len(clean) and "naive_empirical" in g:
+        return float(clean.naive_empirical.iloc[0] / clean.p.iloc[0])
+    return float(g.naive_loss_per_feature.iloc[0] / g.p.iloc[0])
+
+
+def naive_comparison(df):
+    """Per (p, embedding) of the sigma = 0 models: loss / p over seeds and its paired difference
+    from the naive network measured on the same samples (``naive_emp``).
+
+    Columns: ``seeds``, ``mean``, ``sd`` (across seeds, ddof 1), ``naive_emp``, ``diff`` (mean of
+    loss / p minus naive_emp), ``ci95`` (half-width of its 95% t-interval) and ``vs_naive``
+    (:func:`paired_verdict`: "below", "above" or "within noise").
     """
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    rows = []
+    for p, g in df[df.sigma == 0].groupby("p"):
+        ref = _naive_ref(g)
+        for e in EMBEDDINGS:
+            v = g[g.embedding == e].loss_over_p.to_numpy(dtype=float)
+            if not len(v):
+                continue
+            d = v - ref
+            sd = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+            half = float(stats.t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+            rows.append({"p": float(p), "embedding": e, "seeds": len(v), "mean": float(v.mean()), "sd": sd,
+                         "naive_emp": ref, "diff": float(d.mean()), "ci95": half, "vs_naive": paired_verdict(d)})
+    return pd.DataFrame(rows)
+
+
+def _pm(mean: float, sd: float, digits: int) -> str:
+    return f"{mean:.{digits}f}" if sd != sd else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def sweep_table(df, digits: int = 4):
+    """Loss / p per p (rows) and embedding (columns) of the sigma = 0 models, mean ± sd over seeds,
+    with the naive baseline analytic (1/12) and measured on the same samples (``naive_emp``),
+    each embedding's verdict against the latter (:func:`naive_comparison`) and ``naive_random``,
+    the naive network left in the random embedding (interference uncorrected, analytic)."""
     import pandas as pd
 
-    sweep = df[df.sigma == 0]
-    fmt = f"{{:.{digits}f}}"
+    cmp = naive_comparison(df)
     rows = []
-    for p, g in sweep.groupby("p"):
-        clean_naive = g[g.embedding != "random"].naive_empirical
-        ref = clean_naive.iloc[0] / p if len(clean_naive) else g.naive_loss_per_feature.iloc[0] / p
-        row = {"p": p, "naive": fmt.format(g.naive_loss_per_feature.iloc[0] / p), "naive_emp": fmt.format(ref)}
-        for e in EMBEDDINGS:
-            v = g[g.embedding == e].loss_over_p
-            if v.empty:
-                continue
-            rng = f" [{fmt.format(v.min())}, {fmt.format(v.max())}]" if len(v) > 1 else ""
-            row[e] = fmt.format(v.mean()) + rng
-            row[f"{e}_beats"] = "yes" if (v < ref).all() else "no" if (v > ref).all() else "mixed"
-        r = g[g.embedding == "random"]
-        if not r.empty:
-            row["naive_random"] = fmt.format(r.naive_in_setting.mean() / p)
+    for p, g in cmp.groupby("p"):
+        sel = df[(df.p == p) & (df.sigma == 0)]
+        row = {"p": p, "naive": round(float(sel.naive_loss_per_feature.iloc[0] / p), digits),
+               "naive_emp": round(float(g.naive_emp.iloc[0]), digits)}
+        for _, r in g.iterrows():
+            row[r.embedding] = _pm(r["mean"], r["sd"], digits)
+            row[f"{r.embedding} vs naive"] = r.vs_naive
+        rnd = sel[sel.embedding == "random"]
+        if not rnd.empty:
+            row["naive_random"] = round(float(rnd.naive_in_setting.mean() / p), digits)
         rows.append(row)
     return pd.DataFrame(rows).set_index("p")
 
 
-def sigma_table(df, p: float, digits: int = 3):
-    """Loss / p of the clean-plus-mixing models at p against sigma, and the random embedding's."""
+def length_table(long, short, digits: int = 4):
+    """Loss / p of the sigma = 0 models at two training lengths (``long`` and ``short`` frames,
+    each with a ``steps`` column), mean ± sd over seeds, and the mean change long - short
+    (paired by seed: same embedding, initialisation and data stream)."""
     import pandas as pd
 
-    sel = df[(df.p == p) & (df.embedding == "clean")]
     rows = []
+    key = ["p", "embedding", "seed"]
+    a = long[long.sigma == 0].set_index(key).loss_over_p
+    b = short[short.sigma == 0].set_index(key).loss_over_p
+    both = pd.concat({"long": a, "short": b}, axis=1).dropna()
+    n_long, n_short = int(long.steps.iloc[0]), int(short.steps.iloc[0])
+    for (p, e), g in both.groupby(level=["p", "embedding"], sort=True):
+        d = g["long"] - g["short"]
+        rows.append({"p": p, "embedding": e, f"{n_short} steps": _pm(g["short"].mean(), g["short"].std(ddof=1), digits),
+                     f"{n_long} steps": _pm(g["long"].mean(), g["long"].std(ddof=1), digits),
+                     "change": _pm(d.mean(), d.std(ddof=1), digits), "change %": round(100 * d.mean() / g["short"].mean(), 1),
+                     "verdict": paired_verdict(d.to_numpy())})
+    order = {e: i for i, e in enumerate(EMBEDDINGS)}
+    out = pd.DataFrame(rows)
+    return out.sort_values(["p", "embedding"], key=lambda c: c.map(order) if c.name == "embedding" else c)\
+        .set_index(["p", "embedding"])
+
+
+def sigma_table(df, p: float, digits: int = 4):
+    """Loss / p of the clean-plus-mixing models at p against sigma (mean, sd over seeds, and the
+    verdict against the naive network measured on the same samples), and the random embedding's."""
+    import pandas as pd
+
+    at_p = df[df.p == p]
+    ref = _naive_ref(at_p)
+    sel = at_p[at_p.embedding == "clean"]
+    rows = []
+
+    def row(mixing, scale, sigma, v):
+        return {"mixing": mixing, "sigma / matched": scale, "sigma": sigma, "mean": round(float(v.mean()), digits),
+                "sd": round(float(v.std(ddof=1)), digits) if len(v) > 1 else float("nan"), "seeds": len(v),
+                "vs naive": paired_verdict(v.to_numpy(dtype=float) - ref)}
+
     for (mixing, scale), g in sel.groupby(["mixing", "sigma_scale"]):
-        rows.append(
-            {
-                "mixing": mixing or "zero (clean)",
-                "sigma / matched": round(scale, 2),
-                "sigma": round(g.sigma.iloc[0], 4),
-                "mean": round(g.loss_over_p.mean(), digits),
-                "sd": round(g.loss_over_p.std(ddof=1), digits) if len(g) > 1 else float("nan"),
-                "seeds": len(g),
-            }
-        )
-    r = df[(df.p == p) & (df.embedding == "random")].loss_over_p
+        rows.append(row(mixing or "zero (clean)", round(float(scale), 2), round(float(g.sigma.iloc[0]), 4), g.loss_over_p))
+    r = at_p[at_p.embedding == "random"].loss_over_p
     if not r.empty:
-        sd = round(r.std(ddof=1), digits) if len(r) > 1 else float("nan")
-        rows.append({"mixing": "random embedding", "sigma / matched": float("nan"), "sigma": float("nan"),
-                     "mean": round(r.mean(), digits), "sd": sd, "seeds": len(r)})
+        rows.append(row("random embedding", float("nan"), float("nan"), r))
     return pd.DataFrame(rows).sort_values(["mixing", "sigma / matched"]).reset_index(drop=True)
 
 
@@ -121,7 +188,8 @@ def plot_sweep(df):
             continue
         m = g.groupby("p").loss_over_p.agg(["mean", "std"]).reset_index()
         label = "trained, no embedding" if e == "none" else f"trained, {e} embedding"
-        fig.add_trace(go.Scatter(x=m.p, y=m["mean"], mode="lines+markers", name=label, line=dict(color=_COLORS[e])))
+        fig.add_trace(go.Scatter(x=m.p, y=m["mean"], mode="lines+markers", name=label, line=dict(color=_COLORS[e]),
+                                 error_y=dict(type="data", array=m["std"].fillna(0), visible=True)))
         fig.add_trace(go.Scatter(x=g.p, y=g.loss_over_p, mode="markers", showlegend=False, opacity=0.45,
                                  marker=dict(color=_COLORS[e], size=6, symbol="circle-open")))
     ps = sorted(sweep.p.unique())
@@ -148,7 +216,8 @@ def plot_sigma(df, p: float):
     m = g.groupby("sigma_scale").loss_over_p.agg(["mean", "std"]).reset_index()
     fig.add_trace(go.Scatter(x=m.sigma_scale, y=m["mean"], mode="lines+markers",
                              name="clean + sigma x (random embedding's mixing, normalised)",
-                             line=dict(color=_COLORS["clean"])))
+                             line=dict(color=_COLORS["clean"]),
+                             error_y=dict(type="data", array=m["std"].fillna(0), visible=True)))
     fig.add_trace(go.Scatter(x=g.sigma_scale, y=g.loss_over_p, mode="markers", showlegend=False, opacity=0.45,
                              marker=dict(color=_COLORS["clean"], symbol="circle-open")))
     gs = sel[sel.mixing == "gaussian"]
@@ -164,6 +233,28 @@ def plot_sigma(df, p: float):
     fig.update_layout(title=f"Is it the noise? Loss / p against mixing scale at p = {p}",
                       xaxis_title="sigma / (1/sqrt(d_resid))  (1 = the random embedding's interference)",
                       yaxis_title="loss per feature / p")
+    return fig
+
+
+def plot_curves(runs: list[dict], p: float, steps: int):
+    """Training loss / p (batch estimates) against step of the sigma = 0, full-parametrization
+    models at ``p`` trained for ``steps`` (the sweep's stored ``runs``): mean over seeds per
+    embedding, and the naive baseline 1/12."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for e in EMBEDDINGS:
+        sel = [r for r in runs if r["p"] == p and r["steps"] == steps and r["embedding"] == e and r["sigma"] == 0
+               and r["parametrization"] == "full"]
+        if not sel:
+            continue
+        curve = np.mean([r["curve"] for r in sel], axis=0) / p
+        fig.add_trace(go.Scatter(x=sel[0]["curve_steps"], y=curve, mode="lines", line=dict(color=_COLORS[e]),
+                                 name=f"{e} embedding ({len(sel)} seeds, mean)" if e != "none" else
+                                 f"no embedding ({len(sel)} seeds, mean)"))
+    fig.add_hline(y=1 / 12, line_dash="dash", line_color=_COLORS["naive"], annotation_text="naive (1/12)")
+    fig.update_layout(title=f"Training loss / p at p = {p} ({steps} steps, cosine schedule)", xaxis_title="step",
+                      yaxis_title="training loss per feature / p (batch estimate)", yaxis_range=[0.05, 0.12])
     return fig
 
 
@@ -246,19 +337,32 @@ def plot_loss_panels(df, sigma_p: float):
     return fig
 
 
-def results_record(main, check, anatomy, attr_table: dict, completeness: dict, config: dict) -> dict:
-    """Notebook 07's key numbers as ``data/results/07_compressed_computation.json`` stores them:
-    the p sweep and the sigma sweep (rows of :func:`results_frame`), the parametrization check,
-    the anatomy table and the attribution comparison; ``config`` records the run's settings."""
-    sweep_rows = main[main.sigma == 0][["p", "embedding", "seed", "loss_per_feature", "naive_loss_per_feature",
-                                         "loss_over_p", "naive_in_setting", "naive_empirical"]]
-    sigma_rows = main[(main.p == config["sigma_p"]) & (main.embedding == "clean")][
+def results_record(long, short, live, anatomy, attr_table: dict, completeness: dict, config: dict) -> dict:
+    """Notebook 07's key numbers as ``data/results/07_compressed_computation.json`` stores them.
+
+    ``long`` / ``short``: the sweep's models at the long and short training lengths (rows of
+    :func:`results_frame` plus ``steps``; all parametrizations); ``live``: the models retrained
+    in the notebook, each with ``sweep_loss_over_p``, the same model's loss in the sweep.
+    Stored: the p sweep's rows and their summary (:func:`naive_comparison`), the short runs, the
+    sigma sweep's rows and summary (:func:`sigma_table`), the parametrization check, the live
+    models, the anatomy table and the attribution comparison; ``config`` records the settings.
+    """
+    full = long[long.parametrization == config["parametrization"]]
+    sigma_p = config["sigma_p"]
+    sweep_rows = full[full.sigma == 0][["p", "embedding", "seed", "loss_per_feature", "naive_loss_per_feature",
+                                        "loss_over_p", "naive_in_setting", "naive_empirical"]]
+    sigma_rows = full[(full.p == sigma_p) & (full.embedding == "clean")][
         ["sigma", "sigma_scale", "mixing", "seed", "loss_per_feature", "loss_over_p"]]
+    check = long[(long.p == sigma_p) & (long.sigma == 0) & long.embedding.isin(["random", "clean"])]
     return {
         "config": config,
         "sweep": sweep_rows.to_dict("records"),
+        "sweep_summary": naive_comparison(full).to_dict("records"),
+        "short_runs": short[short.sigma == 0][["p", "embedding", "seed", "loss_over_p"]].to_dict("records"),
         "sigma_sweep": sigma_rows.assign(mixing=sigma_rows.mixing.replace("", "zero")).to_dict("records"),
-        "parametrization_check": check[["embedding", "parametrization", "loss_over_p"]].to_dict("records"),
+        "sigma_summary": sigma_table(full, sigma_p, digits=8).to_dict("records"),
+        "parametrization_check": check[["embedding", "parametrization", "seed", "loss_over_p"]].to_dict("records"),
+        "live": live[["p", "embedding", "sigma_scale", "seed", "loss_over_p", "sweep_loss_over_p"]].to_dict("records"),
         "anatomy": anatomy.reset_index().to_dict("records"),
         "attribution": {m: attr_table[m]["per_input_pearson"] for m in attr_table},
         "attribution_detail": attr_table,
