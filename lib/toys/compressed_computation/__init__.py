@@ -24,8 +24,9 @@ from lib.toys.compressed_computation.model import (E_RELU_SQ, E_X_SQ, EMBEDDINGS
                                                    sample_active_rows, sample_features, sample_sparse, sigma_specs,
                                                    sweep_specs)
 from lib.toys.compressed_computation.report import (example_features, length_table, mlp_anatomy, naive_comparison,
-                                                    paired_verdict, plot_curves, plot_loss_panels, plot_responses, plot_sigma,
-                                                    plot_sweep, results_frame, results_record, sigma_table, sweep_table)
+                                                    paired_verdict, plot_curves, plot_loss_panels, plot_responses,
+                                                    plot_sigma, plot_sweep, results_frame, results_record, sigma_table,
+                                                    sweep_table)
 from lib.toys.compressed_computation.sweep import load_sweep, run_sweep, sweep_plan
 from lib.toys.compressed_computation.train import (TrainedModels, evaluate, evaluate_weights, naive_models,
                                                    train_models, train_reference)
@@ -38,7 +39,7 @@ __all__ = [
     "naive_loss_analytic", "naive_weights", "num_threads", "per_feature_loss", "sample_active_rows",
     "sample_features", "sample_sparse", "sigma_specs", "sweep_specs", "example_features", "mlp_anatomy",
     "length_table", "naive_comparison", "paired_verdict", "load_sweep", "run_sweep", "sweep_plan",
-    "plot_curves", "plot_loss_panels", "plot_responses", "plot_sigma", "plot_sweep", "results_frame", "results_record", "sigma_table",
-    "sweep_table", "TrainedModels", "evaluate", "evaluate_weights", "naive_models", "train_models",
-    "train_reference",
+    "plot_curves", "plot_loss_panels", "plot_responses", "plot_sigma", "plot_sweep", "results_frame",
+    "results_record", "sigma_table", "sweep_table", "TrainedModels", "evaluate", "evaluate_weights", "naive_models",
+    "train_models", "train_reference",
 ]

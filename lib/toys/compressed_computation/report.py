@@ -142,7 +142,8 @@ def length_table(long, short, digits: int = 4):
         d = g["long"] - g["short"]
         rows.append({"p": p, "embedding": e, f"{n_short} steps": _pm(g["short"].mean(), g["short"].std(ddof=1), digits),
                      f"{n_long} steps": _pm(g["long"].mean(), g["long"].std(ddof=1), digits),
-                     "change": _pm(d.mean(), d.std(ddof=1), digits), "change %": round(100 * d.mean() / g["short"].mean(), 1),
+                     "change": _pm(d.mean(), d.std(ddof=1), digits),
+                     "change %": round(100 * d.mean() / g["short"].mean(), 1),
                      "verdict": paired_verdict(d.to_numpy())})
     order = {e: i for i, e in enumerate(EMBEDDINGS)}
     out = pd.DataFrame(rows)
@@ -166,7 +167,8 @@ def sigma_table(df, p: float, digits: int = 4):
                 "vs naive": paired_verdict(v.to_numpy(dtype=float) - ref)}
 
     for (mixing, scale), g in sel.groupby(["mixing", "sigma_scale"]):
-        rows.append(row(mixing or "zero (clean)", round(float(scale), 2), round(float(g.sigma.iloc[0]), 4), g.loss_over_p))
+        rows.append(row(mixing or "zero (clean)", round(float(scale), 2), round(float(g.sigma.iloc[0]), 4),
+                        g.loss_over_p))
     r = at_p[at_p.embedding == "random"].loss_over_p
     if not r.empty:
         rows.append(row("random embedding", float("nan"), float("nan"), r))
