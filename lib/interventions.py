@@ -72,18 +72,28 @@ def statement_end_positions(model, statements: Sequence[str], prefix: str = JUDG
     return np.array([len(a) - 1 for a in alone])
 
 
+INTERVENTION_POSITIONS = ("period", "answer")
+
+
 def judgement_logit_diff(model, statements: Sequence[str], hook: str | None = None,
                          direction: torch.Tensor | np.ndarray | None = None, alpha: float = 0.0, *,
                          prefix: str = JUDGEMENT_PREFIX, prepend_bos: bool = True,
-                         batch_size: int = 32) -> np.ndarray:
+                         batch_size: int = 32, position: str = "period") -> np.ndarray:
     """(n,) logit(true) - logit(false) after ``statement + prefix``, with ``alpha * direction`` added
-    at ``hook`` on the statement's last token (no intervention when ``hook`` is None or alpha is 0).
+    at ``hook`` (no intervention when ``hook`` is None or alpha is 0) on one token of each row:
+    ``position="period"``, the statement's last token (where the truth probes read); ``"answer"``,
+    the prefix's last token (the " is" of " That is", where the next token is the judgement).
     """
+    if position not in INTERVENTION_POSITIONS:
+        raise ValueError(f"position must be one of {INTERVENTION_POSITIONS}, got {position!r}")
     true_id, false_id = judgement_token_ids(model, prefix)
     texts = [s + prefix for s in statements]
     fwd = None
     if hook is not None and direction is not None and alpha != 0:
-        ends = torch.as_tensor(statement_end_positions(model, statements, prefix, prepend_bos))
+        if position == "period":
+            ends = torch.as_tensor(statement_end_positions(model, statements, prefix, prepend_bos))
+        else:
+            ends = tokenize(model, texts, prepend_bos=prepend_bos).lengths - 1
 
         def fwd(batch: TokenBatch):
             cols = batch.column(ends[batch.index])

@@ -306,16 +306,54 @@ def anchor_table(gen: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 def results_record(study: ProbeStudy, frames: Mapping[str, pd.DataFrame], pairing: pd.DataFrame,
                    likelihood: pd.DataFrame, size_rows: Mapping[str, dict],
-                   baseline: Mapping[str, dict] | None = None) -> dict:
+                   baseline: Mapping[str, dict] | None = None, *, spread: dict | None = None,
+                   reset: pd.DataFrame | None = None, sites: pd.DataFrame | None = None,
+                   causal: pd.DataFrame | None = None) -> dict:
     """Notebook 01's key numbers, as ``data/results/01_truth_probes.json`` stores them.
-    ``baseline``: :func:`object_only_baseline` per dataset (stored as ``object_only_baseline``)."""
+
+    ``baseline``: :func:`object_only_baseline` per dataset; ``reset``: :func:`reset_baseline`'s
+    frame (both under ``baselines``); ``spread``: :func:`generalization_spread` at the study's
+    site (the generalization matrices and claims become means over splits, with ``*_std``);
+    ``sites``: :func:`site_sweep`'s frame; ``causal``: :func:`causal_sites`'s frame."""
     sweep = study.sweep
-    extra = {} if baseline is None else {"object_only_baseline": {n: dict(b) for n, b in baseline.items()}}
+    gen = study.gen if spread is None else spread["mean"]
+    claims = study.claims().to_dict(orient="index")
+    extra: dict = {}
+    if spread is not None:
+        c = group_mean_std(spread["claims"], ["probe"], ["in-distribution", "out-of-distribution"])
+        claims = {p: {k: float(v) for k, v in row.items()} for p, row in c.to_dict(orient="index").items()}
+        extra["generalization_std"] = {p: g.to_dict(orient="index") for p, g in spread["std"].items()}
+        extra["split_seeds"] = int(spread["claims"]["seed"].nunique())
+    baselines = {}
+    if baseline is not None:
+        baselines["object_only"] = {n: dict(b) for n, b in baseline.items()}
+    if reset is not None:
+        r = group_mean_std(reset, ["mode", "probe", "dataset"], ["accuracy"])
+        baselines["reset"] = {mode: {probe: {d: {"accuracy": float(r.loc[(mode, probe, d), "accuracy"]),
+                                                 "accuracy_std": float(r.loc[(mode, probe, d), "accuracy_std"])}
+                                             for d in reset["dataset"].unique()}
+                                     for probe in reset["probe"].unique()}
+                              for mode in reset["mode"].unique()}
+        baselines["reset_draws"] = int(reset["draw"].nunique())
+    if baselines:
+        extra["baselines"] = baselines
+    if sites is not None:
+        per_seed = sites.groupby(["position", "layer", "probe", "seed"], sort=False).accuracy.mean().reset_index()
+        m = group_mean_std(per_seed, ["position", "layer", "probe"], ["accuracy"])
+        extra["layer_position_sweep"] = {f"{pos}@{layer}": {p: {"accuracy": float(m.loc[(pos, layer, p), "accuracy"]),
+                                                               "accuracy_std": float(m.loc[(pos, layer, p), "accuracy_std"])}
+                                                           for p in sites["probe"].unique()}
+                                         for pos, layer in dict.fromkeys(zip(sites["position"], sites["layer"]))}
+    if causal is not None:
+        m = group_mean_std(causal, ["position", "layer", "direction"], ["false_to_true", "true_to_false", "decodability"])
+        extra["causal_sites"] = {f"{pos}@{layer}": {d: {k: float(m.loc[(pos, layer, d), k]) for k in m.columns}
+                                                   for d in causal["direction"].unique()}
+                                 for pos, layer in dict.fromkeys(zip(causal["position"], causal["layer"]))}
     return {
         "model": study.model_name, "layer": study.layer, "hook": study.hook,
         "datasets": {n: len(f) for n, f in frames.items()},
-        "generalization": {p: g.to_dict(orient="index") for p, g in study.gen.items()},
-        "in_vs_out_of_distribution": study.claims().to_dict(orient="index"),
+        "generalization": {p: g.to_dict(orient="index") for p, g in gen.items()},
+        "in_vs_out_of_distribution": claims,
         "pairing_with_negations": {f"{t}/{p}": row for (t, p), row in pairing.to_dict(orient="index").items()},
         "likelihood_correlation": likelihood["r(logp, label)"].to_dict(),
         "likelihood_classifier_accuracy": likelihood["likelihood clf acc"].to_dict(),
@@ -349,3 +387,135 @@ def object_only_baseline(frame: pd.DataFrame, seeds: Sequence[int] = range(5), t
         aucs.append(roc_auc_score(y[te], probe.decision_function(X[te])))
     return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
             "auroc": float(np.mean(aucs)), "auroc_std": float(np.std(aucs))}
+
+
+# --------------------------------------------------------------------------------------------
+# spreads and controls (issue 15): split seeds, positions, reset networks, causal sites
+# --------------------------------------------------------------------------------------------
+POSITIONS = ("period", "answer")  # the statement's last token; the " is" of " That is" appended after it
+
+
+def judgement_texts(frame: pd.DataFrame) -> list[str]:
+    """Each statement followed by the judgement prefix (" That is"): read at its last token, the
+    ``"answer"`` position, where the model's next token is its judgement."""
+    from lib.world.templates import JUDGEMENT_PREFIX
+
+    return [s + JUDGEMENT_PREFIX for s in frame["statement"]]
+
+
+def site_sweep(frames: Mapping[str, pd.DataFrame], acts_by_position: Mapping[str, Mapping], layers: Sequence[int],
+               seeds: Sequence[int] = range(5), probes: Sequence[str] = ("dim", "lda", "lr")) -> pd.DataFrame:
+    """:func:`layer_sweep` at each position (``acts_by_position[position][dataset]``, an
+    :class:`lib.activations.Activations` of every layer) and each split seed: columns ``position,
+    seed, layer, probe, dataset, accuracy`` (held-out, trained on the same dataset)."""
+    parts = []
+    for position, acts in acts_by_position.items():
+        for seed in seeds:
+            part = layer_sweep(frames, acts, layers, seed=seed, probes=probes)
+            parts.append(part.assign(position=position, seed=seed))
+    return pd.concat(parts, ignore_index=True)[["position", "seed", "layer", "probe", "dataset", "accuracy"]]
+
+
+def generalization_spread(frames: Mapping[str, pd.DataFrame], acts: Mapping[str, np.ndarray],
+                          seeds: Sequence[int] = range(5), probes: Iterable[str] = tuple(PROBES)) -> dict:
+    """The generalization matrices over several held-out splits: ``{"mean": {probe: matrix}, "std":
+    {probe: matrix}, "claims": frame}`` where ``claims`` has one row per (seed, probe) with the
+    in-distribution (diagonal) and out-of-distribution (single-set rows) means."""
+    names, train_names, probes = list(frames), training_sets(frames), list(probes)
+    per_seed, claims = {p: [] for p in probes}, []
+    for seed in seeds:
+        gen = generalization(truth_probe_data(frames, acts, seed=seed), train_names, probes)
+        for p, g in gen.items():
+            per_seed[p].append(g)
+            claims.append({"seed": seed, "probe": p, "in-distribution": diagonal_mean(g),
+                           "out-of-distribution": offdiagonal_mean(g, rows=names)})
+    # a cell a probe cannot fill (CCS without a negated partner) is NaN in every split: mean and std stay NaN
+    stack = {p: pd.concat(gs, keys=range(len(gs))).groupby(level=1, sort=False) for p, gs in per_seed.items()}
+    order = {p: per_seed[p][0] for p in probes}
+    return {"mean": {p: s.mean().loc[order[p].index, order[p].columns] for p, s in stack.items()},
+            "std": {p: s.std(ddof=0).loc[order[p].index, order[p].columns] for p, s in stack.items()},
+            "claims": pd.DataFrame(claims)}
+
+
+def reset_baseline(model_name: str, frames: Mapping[str, pd.DataFrame], layer: int, *,
+                   modes: Sequence[str] = ("reinit", "shuffle"), draws: int = 3, seed: int = 0,
+                   probes: Sequence[str] = ("dim", "lda", "lr"), max_rows: int | None = None, batch_size: int = 128,
+                   device=None, dtype=None) -> pd.DataFrame:
+    """The same probes, trained and tested the same way (held-out facts, split ``seed``), on reset
+    copies of ``model_name`` (:func:`lib.models.reset_model`: re-initialised, or its weights
+    shuffled), ``draws`` of each: what the architecture and the tokens alone make readable.
+    ``max_rows``: at most this many statements per dataset (a random subset, the same for every
+    network).  Columns ``mode, draw, probe, dataset, accuracy`` (the held-out diagonal)."""
+    from lib.activations import harvest
+    from lib.hooks import hook_name
+    from lib.models import reset_model
+
+    if max_rows is not None:
+        frames = {n: f.sample(min(len(f), max_rows), random_state=seed).sort_index() for n, f in frames.items()}
+    rows, names = [], list(frames)
+    for mode in modes:
+        for draw in range(draws):
+            net = reset_model(model_name, mode, seed=draw, device=device, dtype=dtype)
+            hook = hook_name(layer % net.cfg.n_layers)
+            acts = {n: harvest(net, f["statement"].tolist(), hook, prepend_bos=True, batch_size=batch_size,
+                               cache=False).numpy(hook) for n, f in frames.items()}
+            data = truth_probe_data(frames, acts, seed=seed)
+            for p in probes:
+                m = generalization_matrix(PROBES[p], data.train_sets(names), data.test_sets())
+                rows += [{"mode": mode, "draw": draw, "probe": p, "dataset": n, "accuracy": float(m.loc[n, n])} for n in names]
+            del net
+    return pd.DataFrame(rows)
+
+
+def causal_sites(model, frames: Mapping[str, pd.DataFrame], acts_by_position: Mapping[str, Mapping],
+                 sites: Sequence[tuple[str, int]], *, seeds: Sequence[int] = range(5), alpha: float = 0.5,
+                 n_statements: int | None = 200, batch_size: int = 128) -> pd.DataFrame:
+    """The causal check at several sites ``(position, layer)``, each split seed its own probes and
+    held-out statements.
+
+    At each site the DIM and LR directions are trained on the training rows of ``cities +
+    neg_cities`` (activations ``acts_by_position[position][dataset]`` at ``layer``), and a random
+    unit direction (seeded by the split) is the control; ``alpha`` times the mean residual norm at
+    the site is added (and subtracted) at that position of the held-out ``cities`` statements (at
+    most ``n_statements`` of them).  Rows: ``position, layer, seed, direction, false_to_true,
+    true_to_false`` (:func:`lib.interventions.normalized_indirect_effect`), ``decodability`` (the
+    LR probe's held-out accuracy on ``cities`` at the site) and ``judgement_accuracy`` (the
+    unsteered model on those statements).
+    """
+    from lib.hooks import hook_name
+    from lib.interventions import causal_sweep, normalized_indirect_effect
+
+    pair = {n: frames[n] for n in ("cities", "neg_cities")}
+    rows = []
+    for position, layer in sites:
+        hook = hook_name(layer)
+        site_acts = {n: acts_by_position[position][n].numpy(hook) for n in pair}
+        norm = float(np.linalg.norm(site_acts["cities"], axis=1).mean())
+        for seed in seeds:
+            data = truth_probe_data(pair, site_acts, seed=seed)
+            X_tr, y_tr = data.train_set("cities+neg_cities")
+            rng = np.random.default_rng(seed)
+            directions = {p: PROBES[p]().fit(X_tr, y_tr).unit_direction() for p in ("dim", "lr")}
+            directions["random"] = (v := rng.standard_normal(X_tr.shape[1])) / np.linalg.norm(v)
+            decodability = PROBES["lr"]().fit(*data.train_set("cities")).score(*data.test_set("cities"))
+            test_rows = data.test["cities"]
+            if n_statements is not None and len(test_rows) > n_statements:
+                test_rows = np.sort(rng.choice(test_rows, n_statements, replace=False))
+            held = frames["cities"].iloc[test_rows]
+            truth = held["label"].to_numpy(bool)
+            sweep, base = causal_sweep(model, held["statement"].tolist(), truth, hook, directions,
+                                       [-alpha * norm, alpha * norm], batch_size=batch_size, position=position)
+            nie = normalized_indirect_effect(sweep, base, truth, alpha * norm)
+            for d, r in nie.iterrows():
+                rows.append({"position": position, "layer": layer, "seed": seed, "direction": d,
+                             "false_to_true": r["false_to_true"], "true_to_false": r["true_to_false"],
+                             "decodability": decodability, "judgement_accuracy": float(np.mean((base > 0) == truth))})
+    return pd.DataFrame(rows)
+
+
+def group_mean_std(frame: pd.DataFrame, by: Sequence[str], values: Sequence[str]) -> pd.DataFrame:
+    """Mean and standard deviation (population, over the rows of each group) of ``values``:
+    columns ``{value}``, ``{value}_std`` for each value in turn."""
+    g = frame.groupby(list(by), sort=False)[list(values)]
+    out = g.mean().join(g.std(ddof=0).add_suffix("_std"))
+    return out[[c for v in values for c in (v, f"{v}_std")]]

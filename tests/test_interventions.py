@@ -110,3 +110,29 @@ def test_causal_sweep_and_nie(tiny_bridges):
     assert nie.loc["e0", "false_to_true"] == pytest.approx((up[1] - base[1]) / gap)
     assert nie.loc["e0", "true_to_false"] == pytest.approx(-((down - base)[[0, 2]].mean()) / gap)
     assert sweep.set_index("alpha").loc[0.0, "mean_delta"] == 0
+
+
+def test_answer_position_steers_the_last_token(tiny_bridges):
+    """``position="answer"`` adds the vector at the prefix's last token: at the last block it moves
+    the judgement by exactly the unembedding's reading of the vector (after the final norm), while
+    the period at the last block moves nothing."""
+    model = tiny_bridges["neox"]
+    last = hook_name(model.cfg.n_layers - 1)
+    direction = np.random.default_rng(1).normal(size=model.cfg.d_model)
+    base = judgement_logit_diff(model, STATEMENTS)
+    steered = judgement_logit_diff(model, STATEMENTS, last, direction, alpha=2.0, position="answer")
+    t, f = judgement_token_ids(model)
+    for i, s in enumerate(STATEMENTS):
+        tokens = model.to_tokens(s + JUDGEMENT_PREFIX, prepend_bos=True)
+
+        def add(act, hook):
+            act = act.clone()
+            act[0, -1] += 2.0 * torch.tensor(direction, dtype=act.dtype)
+            return act
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(last, add)])[0, -1]
+        assert steered[i] == pytest.approx((logits[t] - logits[f]).item(), abs=1e-4)
+    assert not np.allclose(steered, base)
+    with pytest.raises(ValueError, match="position must be one of"):
+        judgement_logit_diff(model, STATEMENTS, last, direction, alpha=2.0, position="bos")
