@@ -6,7 +6,8 @@ import torch
 
 from lib.sae.base import SAEConfig, make_sae
 from lib.activations import harvest, tokenize
-from lib.sae.metrics import CONVENTIONS, ReconStats, collect, compare_conventions, evaluate, splice_check
+from lib.sae.metrics import (CONVENTION_SETTINGS, CONVENTIONS, ReconStats, collect, compare_conventions, evaluate,
+                             splice_check)
 from lib.sae.splice import run_spliced, splice_hook, tensor_replacement, zero_replacement
 from tests.tiny_models import TEXT
 
@@ -93,7 +94,18 @@ def test_conventions_table(tiny_bridges):
     model = tiny_bridges["neox"]
     sae = random_sae(32)
     table = compare_conventions(sae, model, TEXTS)
-    assert list(table.columns) == list(CONVENTIONS)
+    assert list(table.columns) == [*CONVENTIONS, "dictionary_learning_bos_kept"]
+    assert set(table.columns) == set(CONVENTION_SETTINGS)
+    # dictionary_learning's default keeps BOS: its reconstruction sums run over BOS + the counted
+    # tokens; its mean unsquared error norm, recomputed here from the activations themselves
+    batch = tokenize(model, TEXTS, 128)
+    acts = harvest(model, batch, HOOK, "all", exclude={"pad"}, cache=False)[HOOK]
+    with torch.no_grad():
+        err = (sae(acts) - acts).norm(dim=-1)
+    kept, dropped = table["dictionary_learning_bos_kept"], table["dictionary_learning"]
+    assert kept["mse"] == pytest.approx(float(err.mean()), rel=1e-5)
+    assert kept["n_tokens"] == dropped["n_tokens"] + len(TEXTS)  # one BOS per text
+    assert kept["ce_spliced"] == dropped["ce_spliced"]  # the CE runs splice everywhere in both
     ours, now, old = table["ours"], table["saelens_now"], table["saelens_old"]
     assert now["var_explained"] == pytest.approx(ours["var_explained"])  # no EOS in these texts
     assert now["mse"] == pytest.approx(ours["mse"])

@@ -6,7 +6,7 @@ import torch
 
 from lib.sae import pitfalls
 from lib.sae.base import SAEConfig, make_sae
-from lib.activations import tokenize
+from lib.activations import pad, tokenize
 from lib.sae.metrics import collect, evaluate
 from lib.sae.trainer import TrainConfig
 from tests.tiny_models import TEXT
@@ -45,6 +45,24 @@ def test_padding_in_ce_right_matches_evaluate(tiny_bridges):
     assert out["right"]["ce_spliced"] == pytest.approx(ours["ce_spliced"])
     assert out["right"]["loss_recovered"] == pytest.approx(ours["loss_recovered"])
     assert out["wrong"]["n_ce_tokens"] == len(batch) * 63 and 0.2 < out["pad_fraction"] < 1
+
+
+def test_padding_in_ce_with_eos_as_pad(tiny_bridges):
+    """Re-padded with EOS, the counted (right) CE is unchanged (right padding: no real token sees a
+    pad), and the wrong clean CE is the token-weighted mix of the real and the pad targets' CE."""
+    model = tiny_bridges["neox"]
+    batch = tokenize(model, pitfalls.variable_length_texts(DOCS, seed=1), 64, pad_to=64)
+    eos = model.tokenizer.eos_token_id
+    assert eos != model.tokenizer.pad_token_id
+    outs = {p: pitfalls.padding_in_ce(_sae(), model, b) for p, b in
+            (("pad", batch), ("eos", pad(batch.sequences(), eos, "right", width=64)))}
+    assert outs["pad"]["pad_id"] == model.tokenizer.pad_token_id and outs["eos"]["pad_id"] == eos
+    assert outs["eos"]["right"]["ce_clean"] == pytest.approx(outs["pad"]["right"]["ce_clean"], rel=1e-6)
+    for out in outs.values():
+        f = out["pad_fraction"]
+        mix = (1 - f) * out["right"]["ce_clean"] + f * out["pad_target_ce"]
+        assert out["wrong"]["ce_clean"] == pytest.approx(mix, rel=1e-6)
+    assert outs["eos"]["pad_target_ce"] != pytest.approx(outs["pad"]["pad_target_ce"])
 
 
 def test_context_length_rows_split_by_position(tiny_bridges):

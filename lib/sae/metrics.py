@@ -379,12 +379,34 @@ def evaluate(sae, model, tokens, *, hook: str | None = None, attention_mask: tor
     return stats.metrics("ours")
 
 
+# What each column of ``compare_conventions`` emulates: the library's formulas, run on *our* batch
+# (right padding, a pad id distinct from BOS and EOS, every row BOS-first).
+CONVENTION_SETTINGS = {
+    "ours": "this module's formulas: BOS and pads neither counted nor spliced",
+    "saelens_old": "SAELens before the 2026 fixes: eval MSE also / tokens per batch, variance about zero",
+    "saelens_now": "SAELens 6.x evals: BOS/EOS/pad ids excluded; zero-ablation everywhere; the last real "
+                   "token's prediction (target: a pad) counted",
+    "dictionary_learning": "dictionary_learning's formulas with remove_bos=True (not its default): BOS not "
+                           "counted in the reconstruction metrics; splice/ablate everywhere; pad targets ignored",
+    "dictionary_learning_bos_kept": "dictionary_learning's default (remove_bos=False): as the column before, "
+                                    "with the BOS activation counted in MSE, variance explained, L0 and alive",
+}
+
+
 def compare_conventions(sae, model, tokens, **kwargs):
-    """One SAE, four columns: ours, SAELens as it was, SAELens now, dictionary_learning (a DataFrame)."""
+    """One SAE, five columns (a DataFrame): ours, SAELens as it was, SAELens now, dictionary_learning
+    with ``remove_bos=True``, and dictionary_learning's default that keeps BOS
+    (``CONVENTION_SETTINGS`` says what each emulates).  Neither dictionary_learning column pads as
+    its shipped pipeline does (on the left, EOS as pad): they read ``tokens`` as given."""
     import pandas as pd
 
+    if "exclude" in kwargs:
+        raise ValueError("compare_conventions sets the counted tokens per column; do not pass exclude")
     stats = collect(sae, model, tokens, conventions=CONVENTIONS, **kwargs)
-    return pd.DataFrame({c: stats.metrics(c) for c in CONVENTIONS})
+    table = {c: stats.metrics(c) for c in CONVENTIONS}
+    kept = collect(sae, model, tokens, conventions=("dictionary_learning",), exclude=("pad",), **kwargs)
+    table["dictionary_learning_bos_kept"] = kept.metrics("dictionary_learning")
+    return pd.DataFrame(table)
 
 
 @torch.no_grad()

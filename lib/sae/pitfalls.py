@@ -48,11 +48,15 @@ def variable_length_texts(docs: Sequence[str], seed: int = 0, min_sentences: int
 def padding_in_ce(sae, model, batch: TokenBatch, batch_size: int = 16, hook: str | None = None) -> dict:
     """(c) CE with padding counted (spliced and ablated everywhere, every target counted, as code
     that ignores the attention mask does) vs ours (pads neither spliced nor counted); at the
-    SAE's hook unless ``hook`` says otherwise."""
+    SAE's hook unless ``hook`` says otherwise.  ``pad_target_ce``: the clean CE of the pad targets
+    alone (counting pads lowers the clean CE exactly when it is below the real targets' CE);
+    ``pad_id``: the id the batch is padded with (re-pad with :func:`lib.activations.pad` to try
+    another, e.g. EOS as many pipelines do)."""
     hook = replacement_hook(sae, hook)
     fn = sae_replacement(sae)
     sums = {k: {"clean": 0.0, "spliced": 0.0, "zero": 0.0} for k in ("wrong", "right")}
     counts = {"wrong": 0, "right": 0}
+    pad_ce, n_pad = 0.0, 0  # the clean CE of the pad targets alone
     device = next(model.parameters()).device
     for i in range(0, len(batch), batch_size):
         b = batch[i: i + batch_size]
@@ -66,6 +70,9 @@ def padding_in_ce(sae, model, batch: TokenBatch, batch_size: int = 16, hook: str
                       token_ce(run_spliced(model, toks, zero_replacement, b.counted_mask(), hook=hook), toks),
                       b.attention_mask[:, 1:]),
         }
+        pads = ~b.attention_mask[:, 1:].to(clean.device)
+        pad_ce += float(clean[pads].double().sum())
+        n_pad += int(pads.sum())
         for k, (spliced, zero, mask) in runs.items():
             m = mask.to(clean.device)
             sums[k]["clean"] += float(clean[m].double().sum())
@@ -78,6 +85,8 @@ def padding_in_ce(sae, model, batch: TokenBatch, batch_size: int = 16, hook: str
         out[k] = {"ce_clean": c, "ce_spliced": s, "ce_zero_ablated": z, "loss_recovered": (z - s) / (z - c),
                   "n_ce_tokens": counts[k]}
     out["pad_fraction"] = 1 - counts["right"] / counts["wrong"]
+    out["pad_target_ce"] = pad_ce / n_pad if n_pad else float("nan")
+    out["pad_id"] = int(batch.tokens[~batch.attention_mask][0]) if n_pad else None
     return out
 
 
