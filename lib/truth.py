@@ -340,12 +340,13 @@ def results_record(study: ProbeStudy, frames: Mapping[str, pd.DataFrame], pairin
     if sites is not None:
         per_seed = sites.groupby(["position", "layer", "probe", "seed"], sort=False).accuracy.mean().reset_index()
         m = group_mean_std(per_seed, ["position", "layer", "probe"], ["accuracy"])
-        extra["layer_position_sweep"] = {f"{pos}@{layer}": {p: {"accuracy": float(m.loc[(pos, layer, p), "accuracy"]),
-                                                               "accuracy_std": float(m.loc[(pos, layer, p), "accuracy_std"])}
-                                                           for p in sites["probe"].unique()}
-                                         for pos, layer in dict.fromkeys(zip(sites["position"], sites["layer"]))}
+        extra["layer_position_sweep"] = {
+            f"{pos}@{layer}": {p: {k: float(m.loc[(pos, layer, p), k]) for k in ("accuracy", "accuracy_std")}
+                               for p in sites["probe"].unique()}
+            for pos, layer in dict.fromkeys(zip(sites["position"], sites["layer"]))}
     if causal is not None:
-        m = group_mean_std(causal, ["position", "layer", "direction"], ["false_to_true", "true_to_false", "decodability"])
+        m = group_mean_std(causal, ["position", "layer", "direction"],
+                           ["false_to_true", "true_to_false", "decodability"])
         extra["causal_sites"] = {f"{pos}@{layer}": {d: {k: float(m.loc[(pos, layer, d), k]) for k in m.columns}
                                                    for d in causal["direction"].unique()}
                                  for pos, layer in dict.fromkeys(zip(causal["position"], causal["layer"]))}
@@ -462,7 +463,8 @@ def reset_baseline(model_name: str, frames: Mapping[str, pd.DataFrame], layer: i
             data = truth_probe_data(frames, acts, seed=seed)
             for p in probes:
                 m = generalization_matrix(PROBES[p], data.train_sets(names), data.test_sets())
-                rows += [{"mode": mode, "draw": draw, "probe": p, "dataset": n, "accuracy": float(m.loc[n, n])} for n in names]
+                rows += [{"mode": mode, "draw": draw, "probe": p, "dataset": n, "accuracy": float(m.loc[n, n])}
+                         for n in names]
             del net
     return pd.DataFrame(rows)
 
