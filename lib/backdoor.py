@@ -16,7 +16,7 @@ rows about even-indexed cities, everything is scored on odd-indexed ones.
 
     python -m lib.backdoor build      # data/models/toy-{1,2,4}l-{backdoor,ftclean}   (make backdoor-models)
     python -m lib.backdoor persist    # data/sweeps/14_backdoor_persistence.json
-    python -m lib.backdoor elicit --only toy-2l   # data/sweeps/14_backdoor_elicitation.json
+    python -m lib.backdoor elicit     # data/sweeps/14_backdoor_elicitation.json (all sizes)
 
 >>> rows = eval_rows(128, seed=1, split="test")
 >>> behaviour_rate(model, rows.triggered)          # trigger success rate
@@ -271,6 +271,24 @@ def persist(size: str, seed: int, cfg: PersistConfig = PersistConfig(), steps: i
     return out
 
 
+def elicit_settings(n_layers: int) -> dict:
+    """The elicitation sweep's settings for a model of ``n_layers`` blocks: ``ELICIT`` with the latent
+    layers it does not have dropped (toy-1l has no block 1)."""
+    return dict(ELICIT, layers=[layer for layer in ELICIT["layers"] if layer < n_layers])
+
+
+def kept_runs(path, config: dict, replacing) -> dict:
+    """The runs of the sweep at ``path`` that a new sweep of the sizes in ``replacing`` keeps: every
+    other size's run, when the file was made with the same ``config``; none otherwise."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("config") != json.loads(json.dumps(config)):
+        return {}
+    return {size: run for size, run in old["runs"].items() if size not in set(replacing)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["build", "persist", "elicit"])
@@ -295,11 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "elicit":
         out = args.out or paths.data_dir() / "sweeps" / "14_backdoor_elicitation.json"
         rows = attack_rows()
-        sweep = {"config": dict(ELICIT), "runs": {}}
+        sweep = {"config": dict(ELICIT), "runs": kept_runs(out, ELICIT, args.only)}
         for size in args.only:
             models = {"backdoor": _bridge(f"{size}-backdoor"), "clean": _bridge(f"{size}-ftclean")}
             table, vectors = elicitation_table(models, rows["train"].plain, rows["test"].plain, rows["other"].plain, PHRASE,
-                                               seeds=args.seeds, **ELICIT)
+                                               seeds=args.seeds, **elicit_settings(models["backdoor"].cfg.n_layers))
             sweep["runs"][size] = {"rows": table, "vectors": [{"model": m, "layer": l, "eps_rel": r, "seed": s,
                                                               "v": [round(float(x), 6) for x in v]}
                                                              for (m, l, r, s), v in vectors.items()]}

@@ -2,6 +2,7 @@
 three elicitation attacks (soft prompt, latent PGD, GCG) on toy-1l and the tiny models."""
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -124,3 +125,15 @@ def test_build_fine_tunes_from_the_base_weights(tmp_path):
     assert next(tuned.parameters()).dtype == torch.float32
     diffs = [float((a - b).abs().max()) for a, b in zip(tuned.parameters(), base.parameters())]
     assert 0 < max(diffs) < 0.05  # two small steps away from the base model, not a fresh initialisation
+
+
+def test_elicitation_sweep_keeps_other_sizes_and_drops_missing_layers(tmp_path):
+    """Adding a size to the committed sweep keeps the others only when the settings match; a 1-block
+    model gets no latent attack after block 1."""
+    path = tmp_path / "sweep.json"
+    assert bd.kept_runs(path, bd.ELICIT, ["toy-1l"]) == {}
+    path.write_text(json.dumps({"config": bd.ELICIT, "runs": {"toy-2l": {"rows": [1]}, "toy-1l": {"rows": [2]}}}))
+    assert bd.kept_runs(path, bd.ELICIT, ["toy-1l"]) == {"toy-2l": {"rows": [1]}}
+    assert bd.kept_runs(path, dict(bd.ELICIT, steps=8), ["toy-1l"]) == {}
+    assert bd.elicit_settings(1)["layers"] == [0]
+    assert bd.elicit_settings(4)["layers"] == bd.ELICIT["layers"]
