@@ -32,3 +32,13 @@ def isolated_root(tmp_path, monkeypatch):
     """Point results / figures / caches at a temporary folder for the duration of a test."""
     monkeypatch.setenv("COMPENDIUM_ROOT", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def standin_dirs(tmp_path_factory) -> dict:
+    """``{"gpt2": path, "neox": path, "llama": path}``: tiny random models of the real families with the
+    toy world's tokenizer and each family's special tokens (``tests.tiny_models.FAMILIES``)."""
+    from tests.tiny_models import FAMILIES, build_standin
+
+    root = tmp_path_factory.mktemp("standins")
+    return {family: build_standin(family, root / family) for family in FAMILIES}

@@ -69,3 +69,53 @@ def build_tiny_model(arch: str, directory: str | Path, d_model: int = 32, n_laye
     model.eval().save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+# --------------------------------------------------------------------------------------------
+# stand-ins for the real families: the toy world's tokenizer, each family's special-token rules
+# --------------------------------------------------------------------------------------------
+FAMILIES = {
+    # family: (BOS, EOS, pad, whether TransformerLens prepends BOS by default)
+    "gpt2": ("<|eos|>", "<|eos|>", None, True),  # GPT-2: one <|endoftext|> is BOS and EOS, no pad token
+    "neox": ("<|eos|>", "<|eos|>", None, False),  # Pythia: the same, and to_tokens does not prepend BOS
+    "llama": ("<|bos|>", "<|eos|>", None, True),  # Llama: <s> BOS (prepended), </s> EOS, no pad token
+}
+
+
+def standin_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """The toy world's BPE tokenizer (statements tokenize as in the toy models) with ``family``'s
+    special-token conventions (``FAMILIES``): no pad token, and BOS = EOS for GPT-2 and Pythia."""
+    from lib import paths
+    from lib.world.registry import DEFAULT_MODEL
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
+    base = PreTrainedTokenizerFast.from_pretrained(paths.models_dir() / DEFAULT_MODEL)
+    bos, eos, pad, _ = FAMILIES[family]
+    return PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, bos_token=bos, eos_token=eos,
+                                   pad_token=pad, padding_side="right")
+
+
+def build_standin(family: str, directory: str | Path, d_model: int = 64, n_layers: int = 2, n_ctx: int = 256,
+                  seed: int = 0) -> Path:
+    """Write a tiny random model of ``family``'s architecture with :func:`standin_tokenizer` to
+    ``directory``: what a notebook meets when ``model`` is a real GPT-2, Pythia or Llama folder."""
+    torch.manual_seed(seed)
+    tok = standin_tokenizer(family)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None, vocab_size=len(tok))
+    heads = max(2, d_model // 32)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=heads,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids))
+    elif family == "neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(max_position_embeddings=n_ctx, hidden_size=d_model,
+                                                 num_hidden_layers=n_layers, num_attention_heads=heads,
+                                                 intermediate_size=4 * d_model, **ids))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=n_ctx, hidden_size=d_model,
+                                             num_hidden_layers=n_layers, num_attention_heads=heads,
+                                             num_key_value_heads=heads, intermediate_size=2 * d_model, **ids))
+    directory = Path(directory)
+    model.eval().save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
