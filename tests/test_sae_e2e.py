@@ -77,16 +77,20 @@ def test_e2e_gradient_reaches_the_encoder_through_the_frozen_later_layers(neox):
     direction = torch.randn(sae.W_enc.shape, generator=torch.Generator().manual_seed(1))
     eps = 1e-3
 
+    start = sae.W_enc.detach().clone()
+
     def kl_at(shift: float) -> float:
         with torch.no_grad():
-            sae.W_enc.add_(shift * direction)
+            sae.W_enc.copy_(start + shift * direction)
             value = float(e2e_loss(sae, neox, clean, 0.0)["kl"].double())
-            sae.W_enc.sub_(shift * direction)
+            sae.W_enc.copy_(start)  # restored exactly (an add then a subtract drifts in the last bits)
         return value
 
     numeric = (kl_at(eps) - kl_at(-eps)) / (2 * eps)
     analytic = float((g * direction).sum())
-    assert abs(numeric - analytic) <= 0.02 * abs(analytic) + 1e-6
+    # the step switches a few ReLU latents on or off, so the difference quotient sits 1.9% from the
+    # derivative at eps 1e-3 and 3e-3 (1.0% at 1e-2); a lost path through the later layers would be far off
+    assert abs(numeric - analytic) <= 0.05 * abs(analytic) + 1e-6
 
 
 def test_e2e_loss_terms_match_an_independent_computation(neox):
