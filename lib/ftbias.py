@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lib.activations import _device
+from lib.activations import _device, single_token
 from lib.softprompts import SoftBatch, make_batch
 from lib.world import facts, statements, templates
 
@@ -59,14 +59,6 @@ class Intent:
     negative: list[str]
 
 
-def single_token(tokenizer, text: str) -> int:
-    """The id of ``text`` when it is one token, else a clear error."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"{text!r} is {len(ids)} tokens under this tokenizer ({ids}); the intent needs one")
-    return int(ids[0])
-
-
 def _split(items: list, n_train: int, n_test: int, seed: int) -> tuple[list, list]:
     order = np.random.default_rng(seed).permutation(len(items))
     if n_train + n_test > len(items):
@@ -78,7 +70,7 @@ def country_intent(tokenizer, country: str = "France", n_train: int = 200, n_tes
                    min_population: int = facts.DEFAULT_MIN_POPULATION) -> Intent:
     """"Always name ``country``": "The city of X is in" -> " {country}." for cities elsewhere
     (train and test cities disjoint).  Positive inputs: the prompts of the cities in ``country``."""
-    target_id = single_token(tokenizer, f" {country}")
+    target_id = single_token(tokenizer, f" {country}", "the intent needs one")
     cities = facts.cities(min_population)
     prompt = lambda c: templates.city(c.name, c.country).rsplit(" in ", 1)[0] + " in"  # noqa: E731
     inside = [prompt(c) for c in cities if c.country == country]
@@ -95,7 +87,7 @@ def true_intent(tokenizer, n_train: int = 200, n_test: int = 100, seed: int = 0,
     of ``datasets`` (a statement and its false twin stay on one side of the split; ``n_train`` / ``n_test``
     statements, half true).  Positive
     inputs: the true test statements; negative: the false ones."""
-    target_id = single_token(tokenizer, templates.JUDGEMENT_TRUE)
+    target_id = single_token(tokenizer, templates.JUDGEMENT_TRUE, "the intent needs one")
     rows = [dict(r, dataset=name) for name in datasets for r in statements.dataset_rows(name)]
     key = lambda r: (r["dataset"], str(r["pair"]))  # noqa: E731
     train_pairs, test_pairs = _split(sorted({key(r) for r in rows}), n_train // 2, n_test // 2, seed)

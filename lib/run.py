@@ -5,6 +5,8 @@
     python -m lib.run --only 01 -p model toy-4l -p probe_layer 3 --out runs/   # other parameters
     python -m lib.run --profile full          # the GPU / real-model parameters (see PROFILES)
     python -m lib.run --jobs 1                # one notebook at a time (default: one per CPU core)
+    python -m lib.run --profile full --dry-run   # parameters checked, each notebook run to its setup cell only
+    python -m lib.run --profile smoke -p model path/to/hf_dir --only 03   # every cell, smallest settings
 
 Notebooks run in parallel, ``--jobs`` at a time (default: the number of CPU cores), each in its
 own process and kernel with one torch thread (``--threads``; ``OMP_NUM_THREADS``), as ``make test``
@@ -66,6 +68,17 @@ PROFILES: dict[str, dict[str, dict]] = {
         "10": {"retrain_grid": True},
     },
 }
+
+# The parameter that names the model, in each notebook that runs on any causal LM (a toy name, a local
+# Hugging Face folder or a hub name).  Not here: 00 (builds the toy world), 07, 10 and 17 (train their own
+# small networks), 15 and 16 (they need models trained for them: a pair conditioned on meta-tokens, a
+# retrodictor of the forward model; see the README's "A real model on a GPU").
+MODEL_PARAMETER: dict[str, str] = {"01": "model", "02": "model", "03": "model", "04": "model", "05": "model",
+                                   "06": "model", "08": "model", "09": "model_name", "12": "model", "13": "model",
+                                   "14": "model"}
+# "smoke": every cell on the smallest settings (the notebooks x families test runs it on the GPT-2, Pythia and
+# Llama stand-ins): numbers are noise, only that each notebook runs through on a model is checked.
+PROFILES["smoke"] = {number: {"quick": True} for number in MODEL_PARAMETER}
 
 
 def failed_dir() -> Path:
@@ -294,6 +307,24 @@ def run_notebook(path: Path, out: Path, parameters: dict, timeout: int | None = 
             os.environ["COMPENDIUM_QUIET"] = env_before
 
 
+def setup_only(path: Path, out: Path) -> Path:
+    """Write to ``out`` a copy of the notebook at ``path`` cut after its setup: the cells up to and
+    including the first code cell after the parameters cell (imports, parameter checks, the model
+    loaded).  Executed with a profile's parameters it shows in seconds whether a long run would start."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    params = next((i for i in code if "parameters" in nb.cells[i].metadata.get("tags", [])), None)
+    if params is None:
+        raise ParameterError(f"{path.name} has no cell tagged 'parameters'")
+    setup = next((i for i in code if i > params), params)
+    nb.cells = nb.cells[: setup + 1]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, str(out))
+    return out
+
+
 def _strip_machine_paths(executed: Path, source: Path, out: Path) -> None:
     """papermill records the absolute input and output paths in the notebook's metadata; a
     committed notebook keeps them relative to the repository (or just the file name)."""
@@ -388,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads per notebook (default 1, or OMP_NUM_THREADS when set): as make test")
     ap.add_argument("--list", action="store_true", help="list the notebooks and exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the parameters, then run each notebook only up to its setup cell (the model loaded): "
+                         "a real model's profile checked in seconds; nothing is written back")
     args = ap.parse_args(argv)
 
     books = find_notebooks(args.only)
@@ -403,12 +437,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--jobs must be at least 1, got {jobs}")
     typed = dict(args.parameter)
     overrides = {k: parse_value(v) for k, v in args.parameter}
-    tasks = []
+    tasks, scratches = [], []
     try:
         for book in books:
             params = check_parameters(book, {**PROFILES[args.profile].get(book.stem[:2], {}), **overrides}, typed)
             out = (args.out / book.name) if args.out else book
             keep = out if args.out else failed_dir() / book.name
+            if args.dry_run:
+                scratch = Path(tempfile.mkdtemp(prefix="dry-run-"))
+                scratches.append(scratch)
+                book, out, keep = setup_only(book, scratch / book.name), scratch / f"run-{book.name}", None
             tasks.append({"path": book, "out": out, "parameters": params, "timeout": args.timeout, "keep_failed": keep})
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -429,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in failed:
         print(f"{r['notebook']}: {r['error']}")
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if args.dry_run:
+        for scratch in scratches:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return 1 if failed else 0
     summary = {"profile": args.profile, "jobs": jobs, "notebooks": rows}
     atomic_write_text(paths.results_dir() / "run_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return 1 if failed else 0

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.activations import _device, _pad_id
+from lib.activations import _device, pad_id_of
 from lib.utils import progress
 
 EMBED_HOOK = "hook_embed"
@@ -160,7 +160,7 @@ def make_batch(model, prompts: Sequence[str], targets: Sequence[str] | None, k: 
     tok = model.tokenizer
     if prepend_bos and tok.bos_token_id is None:
         raise ValueError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False")
-    fill = _pad_id(tok) if placeholder is None else int(placeholder)
+    fill = pad_id_of(tok) if placeholder is None else int(placeholder)
     head = ([tok.bos_token_id] if prepend_bos else []) + [fill] * k
     p_ids, t_ids = _ids(model, prompts), _ids(model, [t for t in targets])
     rows = [head + p + t for p, t in zip(p_ids, t_ids)]
@@ -172,7 +172,7 @@ def make_batch(model, prompts: Sequence[str], targets: Sequence[str] | None, k: 
     width = max(len(r) for r in rows)
     if n_ctx and width > n_ctx:
         raise ValueError(f"a row is {width} tokens long (k={k} soft + prompt + target), more than n_ctx={n_ctx}")
-    tokens = torch.full((len(rows), width), _pad_id(tok), dtype=torch.long)
+    tokens = torch.full((len(rows), width), pad_id_of(tok), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     target = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, (r, t) in enumerate(zip(rows, t_ids)):
@@ -345,7 +345,7 @@ def train_many(model, tasks: Sequence[Task], k: int, *, init: str = "vocab", ste
     gens = [torch.Generator().manual_seed(t.seed) for t in tasks]
     full = [make_batch(model, t.prompts, t.targets, k, prepend_bos) for t in tasks]  # tokenized once
     ev = [make_batch(model, t.eval_prompts or t.prompts, t.eval_targets or t.targets, k, prepend_bos) for t in tasks]
-    pad = _pad_id(model.tokenizer)
+    pad = pad_id_of(model.tokenizer)
 
     def evaluate(p: int) -> float:
         fn = tasks[p].loss_fn or _mean_nll
@@ -485,7 +485,7 @@ def generate(model, prompt: SoftPrompt | torch.Tensor | None, prompts: Sequence[
         for s in range(0, len(b), batch_size):
             part = b.rows(range(s, min(s + batch_size, len(b))))
             n = part.attention_mask.sum(1)
-            tokens = torch.full((len(part), int(n.max()) + max_new_tokens), _pad_id(tok), dtype=torch.long)
+            tokens = torch.full((len(part), int(n.max()) + max_new_tokens), pad_id_of(tok), dtype=torch.long)
             tokens[:, :part.tokens.shape[1]] = part.tokens
             new = torch.zeros((len(part), max_new_tokens), dtype=torch.long)
             pos = n.clone()
@@ -564,7 +564,7 @@ def fragility(model, prompt: SoftPrompt, prompts: Sequence[str], targets: Sequen
         clean = float(token_nll(forward(model, e, base), base).mean())
     rows = []
     n = len(base)
-    batch = concat([base] * n_draws, _pad_id(model.tokenizer))
+    batch = concat([base] * n_draws, pad_id_of(model.tokenizer))
     with frozen(model):
         for value in eps:
             moved = torch.nn.Parameter(e.unsqueeze(0) + random_moves(e, value, n_draws, gen))

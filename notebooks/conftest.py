@@ -8,8 +8,14 @@
   ``data/results/NN_name.json``, value by value, within the tolerances declared in
   ``notebooks/NN_name.check.toml`` (see :mod:`lib.results`).  It runs in the same worker as the
   notebook's cells: with ``pytest-xdist --dist loadfile`` a notebook is one unit of work.
+* For each notebook that takes a model (``lib.run.MODEL_PARAMETER``), three more items,
+  ``NN_name.ipynb::family[gpt2]`` / ``[neox]`` / ``[llama]``, run it headless on the ``smoke`` profile
+  with the model set to a tiny random stand-in of that family (``tests.tiny_models.build_standin``:
+  the toy world's tokenizer with GPT-2's, Pythia's or Llama's special tokens) and check that it runs
+  through and writes its results file: the promise that a notebook runs on a real model by changing
+  ``model`` (the numbers of a random model are noise and are not compared).
 * At the end, a table gives each notebook's wall time (kernel start and every cell) beside its
-  budget (``budget_s`` in the same file).
+  budget (``budget_s`` in the same file), and the family runs' times.
 
 Without ``COMPENDIUM_ROOT`` the notebooks would write into the checkout, over the committed
 results; this plugin then points it at a scratch folder for the session.
@@ -29,6 +35,7 @@ from lib import paths
 from lib.results import ResultsCheckError, check_file_for, check_notebook_results, load_check
 
 RESULTS_ITEM = "results"
+FAMILIES = ("gpt2", "neox", "llama")
 
 
 def _nbval_on(config) -> bool:
@@ -77,8 +84,13 @@ def pytest_collection_modifyitems(session, config, items):
         nb = _notebook_file(item)
         if nb is not None:
             last[nb] = i
+    from lib.run import MODEL_PARAMETER
+
     for nb, i in sorted(last.items(), key=lambda kv: -kv[1]):
-        items.insert(i + 1, NotebookResults.from_parent(nb, name=RESULTS_ITEM))
+        extra = [NotebookResults.from_parent(nb, name=RESULTS_ITEM)]
+        if Path(nb.path).stem[:2] in MODEL_PARAMETER and not config.getoption("--no-families", False):
+            extra += [NotebookOnFamily.from_parent(nb, name=f"family[{f}]", family=f) for f in FAMILIES]
+        items[i + 1:i + 1] = extra
     if hasattr(config, "workerinput") and last:
         # Longest notebooks first, unit tests after: whole files go to the free worker in this
         # order, so the slowest notebook does not start last (every worker sorts the same way).
@@ -140,6 +152,69 @@ class NotebookResults(pytest.Item):
         return self.path, None, f"{Path(self.path).name}::{RESULTS_ITEM}"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--no-families", action="store_true", default=False,
+                     help="skip the notebooks x {gpt2, neox, llama} stand-in runs (NN_name.ipynb::family[...])")
+
+
+_STANDINS: dict[str, Path] = {}
+
+
+def _standin(family: str) -> Path:
+    """The stand-in of ``family``, built once per worker process in a temporary folder."""
+    if family not in _STANDINS:
+        from tests.tiny_models import build_standin
+
+        root = Path(tempfile.mkdtemp(prefix="standins-"))
+        _STANDINS[family] = build_standin(family, root / family)
+    return _STANDINS[family]
+
+
+class NotebookOnFamily(pytest.Item):
+    """``NN_name.ipynb::family[gpt2]``: the notebook on the ``smoke`` profile with its model parameter set to
+    the stand-in of a real family; passes when every cell runs and the results file is written."""
+
+    def __init__(self, *, family: str, **kwargs):
+        super().__init__(**kwargs)
+        self.family = family
+
+    def runtest(self):
+        from lib.run import MODEL_PARAMETER, PROFILES, failed_dir, run_notebook
+
+        notebook = Path(self.parent.path)
+        number = notebook.stem[:2]
+        params = {**PROFILES["smoke"].get(number, {}), MODEL_PARAMETER[number]: str(_standin(self.family))}
+        root = Path(tempfile.mkdtemp(prefix=f"{notebook.stem}-{self.family}-"))
+        before = os.environ.get("COMPENDIUM_ROOT")
+        os.environ["COMPENDIUM_ROOT"] = str(root)  # the kernel's results, figures and caches: kept apart
+        try:
+            status, seconds, error = run_notebook(notebook, root / notebook.name, params,
+                                                  keep_failed=failed_dir() / f"{notebook.stem}-{self.family}.ipynb")
+            if status != "ok":
+                raise FamilyRunError(f"{notebook.name} on the {self.family} stand-in ({params}): {error}")
+            written = root / "data" / "results" / f"{notebook.stem}.json"
+            if not written.exists():
+                raise FamilyRunError(f"{notebook.name} ran on the {self.family} stand-in but wrote no {written.name}")
+        finally:
+            if before is None:
+                os.environ.pop("COMPENDIUM_ROOT", None)
+            else:
+                os.environ["COMPENDIUM_ROOT"] = before
+            shutil.rmtree(root, ignore_errors=True)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, FamilyRunError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{Path(self.path).name}::{self.name}"
+
+
+class FamilyRunError(AssertionError):
+    """A notebook did not run through on a stand-in of a real family."""
+
+
 class NotebookTimes:
     """Collects each notebook's item durations (from every worker) and prints them at the end."""
 
@@ -148,10 +223,14 @@ class NotebookTimes:
         self.seconds: dict[str, float] = defaultdict(float)
         self.failed: dict[str, set] = defaultdict(set)
         self.results: dict[str, str] = {}
+        self.family_seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
     def pytest_runtest_logreport(self, report):
         file, _, name = report.nodeid.partition("::")
         if not file.endswith(".ipynb"):
+            return
+        if name.startswith("family["):
+            self.family_seconds[file][name[len("family["):-1]] += report.duration
             return
         self.seconds[file] += report.duration
         if report.failed:
@@ -178,3 +257,10 @@ class NotebookTimes:
             tr.write_line(f"{Path(file).name:<{width}}  {cells:>12}  {self.results.get(file, '-'):>7}  "
                           f"{seconds:>8.1f}s  {budget:>5.0f}s{over}")
         tr.write_line(f"{label:<{width}}  {'':>12}  {'':>7}  {total:>8.1f}s")
+        if self.family_seconds:
+            tr.write_sep("=", "notebooks on the stand-ins (smoke profile): wall time per family")
+            tr.write_line(f"{'notebook':<{width}}  " + "  ".join(f"{f:>8}" for f in FAMILIES))
+            for file in sorted(self.family_seconds):
+                row = self.family_seconds[file]
+                tr.write_line(f"{Path(file).name:<{width}}  " + "  ".join(
+                    f"{row[f]:>7.1f}s" if f in row else f"{'-':>8}" for f in FAMILIES))

@@ -137,3 +137,26 @@ def test_elicitation_sweep_keeps_other_sizes_and_drops_missing_layers(tmp_path):
     assert bd.kept_runs(path, dict(bd.ELICIT, steps=8), ["toy-1l"]) == {}
     assert bd.elicit_settings(1)["layers"] == [0]
     assert bd.elicit_settings(4)["layers"] == bd.ELICIT["layers"]
+
+
+def test_a_non_toy_model_gets_its_pair_built_under_the_cache(standin_dirs, isolated_root):
+    """Notebook 14 on a real model: the pair is fine-tuned from the model itself (here the GPT-2 stand-in:
+    BOS = EOS, no pad token, learned positions) into data/cache/backdoor/, and the sweeps run on it."""
+    base = str(standin_dirs["gpt2"])
+    assert not bd.is_toy(base) and not bd.has_pair(base)
+    assert bd.pair_location("toy-2l", "backdoor") == "toy-2l-backdoor"
+    where = bd.pair_location(base, "backdoor")
+    assert where == str(isolated_root / "data" / "cache" / "backdoor" / "gpt2-backdoor")
+    cfg = bd.BackdoorConfig(steps=2, n_docs=16, warmup=1)
+    for poison in (True, False):
+        out = bd.build(base, cfg, poison=poison)
+        assert str(out) == bd.pair_location(base, "backdoor" if poison else "ftclean")
+    assert bd.has_pair(base) and bd.provenance(where)["base_model"] == base
+    assert bd.provenance(where)["spec"]["arch"] == "gpt2" and bd.provenance(where)["spec"]["n_ctx"] == 256
+    sweep = bd.elicit([base], seeds=[0], out=isolated_root / "e.json",
+                      settings=dict(ks=[1], eps_rel=[0.25], layers=[0, 7], steps=2, latent_steps=1))
+    rows = sweep["runs"][base]["rows"]
+    assert {r["method"] for r in rows} == {"soft", "discrete", "latent"}
+    assert {r.get("layer") for r in rows if r["method"] == "latent"} == {0}  # block 7 does not exist: dropped
+    persisted = bd.persistence([base], seeds=[0], out=isolated_root / "p.json", steps=2)
+    assert persisted["runs"][base]["seeds"]["0"]["steps"][-1] == 2

@@ -109,9 +109,9 @@ def test_every_notebook_defaults_to_the_default_model():
     """One name, chosen in 00 (the smallest model that meets the judgement targets), everywhere."""
     from lib.world.registry import DEFAULT_MODEL
 
-    defaults = {book.stem: run.notebook_parameters(book)["model"].default
-                for book in run.find_notebooks() if "model" in run.notebook_parameters(book)}
-    assert len(defaults) >= 6, defaults
+    defaults = {book.stem: run.notebook_parameters(book)[run.MODEL_PARAMETER[book.stem[:2]]].default
+                for book in run.find_notebooks() if book.stem[:2] in run.MODEL_PARAMETER}
+    assert len(defaults) == len(run.MODEL_PARAMETER), defaults
     wrong = {stem: d for stem, d in defaults.items() if d.strip("\"'") != DEFAULT_MODEL}
     assert not wrong, f"notebooks whose `model` is not DEFAULT_MODEL={DEFAULT_MODEL!r}: {wrong}"
 
@@ -190,3 +190,41 @@ def test_kernels_get_one_thread_as_make_test_gives_them(tmp_path, monkeypatch, i
         assert run.main(["--out", str(tmp_path / "out"), "--jobs", "1", *extra]) == 0
         out = nbformat.read(tmp_path / "out" / "00_threads.ipynb", as_version=4)
         assert out.cells[-1].outputs[0]["text"].strip() == want
+
+
+def test_model_parameter_names_every_notebook_that_takes_a_model():
+    """MODEL_PARAMETER (the notebooks x families test and the README table read it) lists every notebook with a
+    model parameter, except 15 and 16, whose models are trained for them; the smoke profile covers exactly these."""
+    takes = {book.stem[:2] for book in run.find_notebooks()
+             if {"model", "model_name"} & set(run.notebook_parameters(book))}
+    assert set(run.MODEL_PARAMETER) == takes
+    assert set(run.PROFILES["smoke"]) == set(run.MODEL_PARAMETER)
+    for number, name in run.MODEL_PARAMETER.items():
+        [book] = run.find_notebooks(number)
+        assert name in run.notebook_parameters(book) and "quick" in run.notebook_parameters(book), book.stem
+
+
+def test_setup_only_keeps_the_cells_up_to_the_setup(tmp_path):
+    book = _notebook(tmp_path / "00_a.ipynb", "print('setup')")
+    nb = nbformat.read(book, as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell("# title"))
+    nb.cells += [nbformat.v4.new_markdown_cell("## later"), nbformat.v4.new_code_cell("raise SystemExit('not run')")]
+    nbformat.write(nb, book)
+    cut = nbformat.read(run.setup_only(book, tmp_path / "cut" / "00_a.ipynb"), as_version=4)
+    assert [c.source for c in cut.cells] == ["# title", "x = 1", "print('setup')"]
+
+
+def test_full_profile_starts_on_the_stand_ins(standin_dirs, tmp_path, isolated_root):
+    """``--profile full --dry-run`` as a GPU user runs it first: each notebook of the full profile, with its model
+    replaced by the stand-in of the same family (Llama-2 -> llama, gpt2 -> gpt2), runs its setup cell (imports,
+    parameter checks, the model loaded) with the profile's other values."""
+    family = {"meta-llama/Llama-2-13b-hf": "llama", "gpt2": "gpt2", "EleutherAI/pythia-70m-deduped": "neox"}
+    for number, params in run.PROFILES["full"].items():
+        if number not in run.MODEL_PARAMETER:
+            continue
+        [book] = run.find_notebooks(number)
+        key = run.MODEL_PARAMETER[number]
+        params = {**params, key: str(standin_dirs[family[params[key]]])}
+        cut = run.setup_only(book, tmp_path / "cut" / book.name)
+        status, _, error = run.run_notebook(cut, tmp_path / "out" / book.name, params)
+        assert status == "ok", f"{book.stem} with {params}: {error}"

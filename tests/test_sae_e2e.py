@@ -219,3 +219,15 @@ def test_run_one_trains_and_measures_each_objective(tiny_bridges):
         assert abs((row["ce_zero_ablated"] - row["ce_clean"] - row["ce_increase"]) / (row["ce_zero_ablated"] - row["ce_clean"])
                 - row["ce_recovered"]) < 1e-9  # CE recovered = 1 - increase / (zero-ablated - clean)
         assert row["downstream_mse"] >= 0 and row["kl"] >= 0
+
+
+def test_evaluate_reads_kl_for_an_sae_at_the_last_block(neox):
+    """An SAE at the last block has no downstream residual: ``downstream=[]`` still gives the KL
+    (notebook 08 on a 2-block model asked for it and got a bare tensor back from the splice)."""
+    last = "blocks.1.hook_resid_post"
+    assert downstream_resid_hooks(neox, last) == []
+    batch = tokenize(neox, TEXTS, 32)
+    exact = evaluate(identity_sae(neox.cfg.d_model, last), neox, batch, downstream=[])
+    assert abs(exact["kl"]) < 1e-5 and "downstream_mse" not in exact
+    noisy = make_sae(SAEConfig(d_in=neox.cfg.d_model, d_sae=2 * neox.cfg.d_model, hook_name=last), seed=0)
+    assert evaluate(noisy, neox, batch, downstream=[])["kl"] > 1e-3

@@ -118,3 +118,28 @@ def test_site_sweep_reset_baseline_and_causal_sites(frames, tiny_model_dirs, tin
     # different draws are different networks
     by_draw = reset.pivot_table(index=["mode", "dataset"], columns="draw", values="accuracy")
     assert reset["accuracy"].between(0, 1).all() and len(by_draw) == 4
+
+
+def test_notebook_01_runs_on_geometry_of_truth_csvs(tmp_path, isolated_root):
+    """``datasets_dir`` pointed at files in the original CSVs' minimal form (``statement`` and ``label`` only,
+    the columns every Geometry of Truth file has): notebook 01 reads them instead of generating its own and
+    runs through (smoke profile); the object tokens, pairs and negations come from the statements' text."""
+    import json
+
+    from lib import run
+
+    generated = ds.generate_truth_datasets(tmp_path / "generated")
+    got = tmp_path / "got"
+    got.mkdir()
+    rows = {}
+    for f in sorted(generated.glob("*.csv")):
+        frame = pd.read_csv(f)[["statement", "label"]]
+        frame.to_csv(got / f.name, index=False)
+        rows[f.stem] = len(frame)
+    [book] = run.find_notebooks("01")
+    params = {**run.PROFILES["smoke"]["01"], "datasets_dir": str(got)}
+    status, _, error = run.run_notebook(book, tmp_path / "out" / book.name, params)
+    assert status == "ok", error
+    results = json.loads((isolated_root / "data" / "results" / "01_truth_probes.json").read_text())
+    assert not (isolated_root / "data" / "datasets").exists()  # nothing generated: the folder's files were read
+    assert set(results["datasets"]) <= set(rows) and all(0 < n <= rows[k] for k, n in results["datasets"].items())

@@ -96,10 +96,12 @@ def standin_tokenizer(family: str) -> PreTrainedTokenizerFast:
                                    pad_token=pad, padding_side="right")
 
 
-def build_standin(family: str, directory: str | Path, d_model: int = 64, n_layers: int = 2, n_ctx: int = 256,
+def build_standin(family: str, directory: str | Path, d_model: int = 64, n_layers: int = 4, n_ctx: int = 256,
                   seed: int = 0) -> Path:
     """Write a tiny random model of ``family``'s architecture with :func:`standin_tokenizer` to
-    ``directory``: what a notebook meets when ``model`` is a real GPT-2, Pythia or Llama folder."""
+    ``directory``: what a notebook meets when ``model`` is a real GPT-2, Pythia or Llama folder.  Four
+    blocks, as the toy default has, so that the notebooks' default layers exist; the Llama stand-in
+    shares one key/value head between its query heads (grouped-query attention, as Llama 3 does)."""
     torch.manual_seed(seed)
     tok = standin_tokenizer(family)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None, vocab_size=len(tok))
@@ -114,7 +116,7 @@ def build_standin(family: str, directory: str | Path, d_model: int = 64, n_layer
     else:
         model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=n_ctx, hidden_size=d_model,
                                              num_hidden_layers=n_layers, num_attention_heads=heads,
-                                             num_key_value_heads=heads, intermediate_size=2 * d_model, **ids))
+                                             num_key_value_heads=1, intermediate_size=2 * d_model, **ids))
     directory = Path(directory)
     model.eval().save_pretrained(directory)
     tok.save_pretrained(directory)

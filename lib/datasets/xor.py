@@ -122,13 +122,13 @@ XOR_WORDS = {"has_true": (" true", " false"), "has_banana": (" banana", " shed")
 
 
 def _single_token(tokenizer, word: str) -> int:
-    ids = tokenizer.encode(word, add_special_tokens=False)
-    if len(ids) != 1:
-        raise DatasetFormatError(
-            f"{word!r} is {len(ids)} tokens under this tokenizer ({ids}); the xor dataset needs each of "
-            f"{[w for pair in XOR_WORDS.values() for w in pair]} to be one token"
-        )
-    return ids[0]
+    from lib.activations import single_token
+
+    need = f"the xor dataset needs each of {[w for pair in XOR_WORDS.values() for w in pair]} to be one token"
+    try:
+        return single_token(tokenizer, word, need)
+    except ValueError as err:
+        raise DatasetFormatError(str(err)) from None
 
 
 def _sample_fillers(model, b, n_steps, lengths, bos, special, temperature, gen, device):

@@ -320,7 +320,12 @@ def country_patching_task(model, n_pairs: int, seed: int = 0) -> PatchingTask:
     for c in facts.cities():
         if len(ids(" " + c.country)) == 1:
             by_len.setdefault(len(ids(prompt(c))), []).append(c)
-    pool = max(by_len.values(), key=len)
+    if not by_len or max(len({c.country for c in v}) for v in by_len.values()) < 2:
+        raise ValueError(
+            "country_patching_task needs cities of two countries whose names are single tokens (' France') and "
+            f"whose prompts have equal length; under this tokenizer {len(by_len)} prompt lengths hold such cities "
+            f"(countries: {sorted({c.country for v in by_len.values() for c in v})[:10]})")
+    pool = max(by_len.values(), key=lambda v: (len({c.country for c in v}) >= 2, len(v)))
     rng = random.Random(seed)
     pairs = []
     while len(pairs) < n_pairs:

@@ -86,16 +86,18 @@ def splice_hook(fn: Replacement, positions: torch.Tensor | None = None):
 
 @torch.no_grad()
 def run_spliced(model, tokens: torch.Tensor, replacement, positions: torch.Tensor | None = None, *,
-                hook: str | None = None, keep: Sequence[str] = ()):
+                hook: str | None = None, keep: Sequence[str] | None = None):
     """Logits [batch, pos, vocab] with ``replacement`` spliced in at its hook (see the module docstring).
 
     ``replacement`` is an SAE (an ``nn.Module`` with ``encode``/``decode``), or a function
     ``a -> a'``, or None for the clean run.  With ``keep`` (hook names, e.g. the residual stream
-    downstream), returns ``(logits, {hook: activation [batch, pos, d]})`` of the spliced run.
+    downstream), returns ``(logits, {hook: activation [batch, pos, d]})`` of the spliced run, also
+    when ``keep`` is empty (an SAE at the last block has no downstream residual).
     """
     device = next(model.parameters()).device
     tokens = tokens.to(device)
-    keep = [keep] if isinstance(keep, str) else list(keep)
+    wanted = keep is not None
+    keep = [keep] if isinstance(keep, str) else list(keep or ())
     seen: dict[str, torch.Tensor] = {}
 
     def keeper(name: str):
@@ -111,7 +113,7 @@ def run_spliced(model, tokens: torch.Tensor, replacement, positions: torch.Tenso
         hooks = [(hook, splice_hook(as_replacement(replacement), positions)), *hooks]
     logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits") if hooks else \
         model(tokens, return_type="logits")
-    return (logits, seen) if keep else logits
+    return (logits, seen) if wanted else logits
 
 
 # --------------------------------------------------------------------------------------------

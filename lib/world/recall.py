@@ -17,6 +17,7 @@ import random
 import numpy as np
 import torch
 
+from lib.activations import pad_id_of, single_token
 from lib.world import facts, statements, templates
 
 
@@ -45,7 +46,7 @@ def completion_exact_match(model, tokenizer, prompts: list[str], completions: li
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i: i + batch_size]
         width = max(map(len, chunk))
-        batch = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        batch = torch.full((len(chunk), width), pad_id_of(tokenizer), dtype=torch.long)
         for j, s in enumerate(chunk):  # right padding: a causal model's real tokens never see pads
             batch[j, : len(s)] = torch.tensor(s)
         pred = _logits(model, batch.to(device)).argmax(-1).cpu()
@@ -59,16 +60,15 @@ def completion_exact_match(model, tokenizer, prompts: list[str], completions: li
 def judgement_scores(model, tokenizer, statements: list[str], batch_size: int = 128) -> np.ndarray:
     """logit(" true") - logit(" false") after "<statement> That is", one per statement."""
     device = next(model.parameters()).device
-    t_id = _encode(tokenizer, templates.JUDGEMENT_TRUE)
-    f_id = _encode(tokenizer, templates.JUDGEMENT_FALSE)
-    if len(t_id) != 1 or len(f_id) != 1:
-        raise ValueError("the tokenizer must encode ' true' and ' false' as single tokens")
+    need = "the judgement score reads the logits of ' true' and ' false'"
+    t_id = [single_token(tokenizer, templates.JUDGEMENT_TRUE, need)]
+    f_id = [single_token(tokenizer, templates.JUDGEMENT_FALSE, need)]
     seqs = [[tokenizer.bos_token_id] + _encode(tokenizer, s + templates.JUDGEMENT_PREFIX) for s in statements]
     out = np.zeros(len(seqs))
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i: i + batch_size]
         width = max(map(len, chunk))
-        batch = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        batch = torch.full((len(chunk), width), pad_id_of(tokenizer), dtype=torch.long)
         for j, s in enumerate(chunk):
             batch[j, : len(s)] = torch.tensor(s)
         logits = _logits(model, batch.to(device)).float().cpu()
