@@ -239,24 +239,25 @@ class NotebookTimes:
             self.results[file] = "failed" if report.failed else report.outcome
 
     def pytest_terminal_summary(self, terminalreporter):
-        if not self.seconds:
+        if not self.seconds and not self.family_seconds:
             return
         tr = terminalreporter
-        tr.write_sep("=", "notebooks: wall time (kernel start + cells + results check)")
         label = "all notebooks (one core each)"
-        width = max(len(label), *(len(Path(f).name) for f in self.seconds))
-        tr.write_line(f"{'notebook':<{width}}  {'cells':>12}  {'results':>7}  {'wall time':>9}  {'budget':>6}")
-        total = 0.0
-        for file in sorted(self.seconds):
-            seconds = self.seconds[file]
-            total += seconds
-            budget = _budget(self.config.rootpath / file)
-            failed_cells = len(self.failed[file] - {RESULTS_ITEM})
-            cells = f"{failed_cells} failed" if failed_cells else "ok"
-            over = "  OVER BUDGET" if budget and seconds > budget else ""
-            tr.write_line(f"{Path(file).name:<{width}}  {cells:>12}  {self.results.get(file, '-'):>7}  "
-                          f"{seconds:>8.1f}s  {budget:>5.0f}s{over}")
-        tr.write_line(f"{label:<{width}}  {'':>12}  {'':>7}  {total:>8.1f}s")
+        width = max(len(label), *(len(Path(f).name) for f in [*self.seconds, *self.family_seconds]))
+        if self.seconds:
+            tr.write_sep("=", "notebooks: wall time (kernel start + cells + results check)")
+            tr.write_line(f"{'notebook':<{width}}  {'cells':>12}  {'results':>7}  {'wall time':>9}  {'budget':>6}")
+            total = 0.0
+            for file in sorted(self.seconds):
+                seconds = self.seconds[file]
+                total += seconds
+                budget = _budget(self.config.rootpath / file)
+                failed_cells = len(self.failed[file] - {RESULTS_ITEM})
+                cells = f"{failed_cells} failed" if failed_cells else "ok"
+                over = "  OVER BUDGET" if budget and seconds > budget else ""
+                tr.write_line(f"{Path(file).name:<{width}}  {cells:>12}  {self.results.get(file, '-'):>7}  "
+                              f"{seconds:>8.1f}s  {budget:>5.0f}s{over}")
+            tr.write_line(f"{label:<{width}}  {'':>12}  {'':>7}  {total:>8.1f}s")
         if self.family_seconds:
             tr.write_sep("=", "notebooks on the stand-ins (smoke profile): wall time per family")
             tr.write_line(f"{'notebook':<{width}}  " + "  ".join(f"{f:>8}" for f in FAMILIES))
@@ -264,3 +265,5 @@ class NotebookTimes:
                 row = self.family_seconds[file]
                 tr.write_line(f"{Path(file).name:<{width}}  " + "  ".join(
                     f"{row[f]:>7.1f}s" if f in row else f"{'-':>8}" for f in FAMILIES))
+            total = sum(sum(row.values()) for row in self.family_seconds.values())
+            tr.write_line(f"{'all family runs (one core each)':<{width}}  {total:>7.1f}s")

@@ -217,14 +217,15 @@ def test_setup_only_keeps_the_cells_up_to_the_setup(tmp_path):
 def test_full_profile_starts_on_the_stand_ins(standin_dirs, tmp_path, isolated_root):
     """``--profile full --dry-run`` as a GPU user runs it first: each notebook of the full profile, with its model
     replaced by the stand-in of the same family (Llama-2 -> llama, gpt2 -> gpt2), runs its setup cell (imports,
-    parameter checks, the model loaded) with the profile's other values."""
+    parameter checks, the model loaded) with the profile's other values (and ``quick``, which only shrinks sizes:
+    some setup cells already harvest activations or train)."""
     family = {"meta-llama/Llama-2-13b-hf": "llama", "gpt2": "gpt2", "EleutherAI/pythia-70m-deduped": "neox"}
     for number, params in run.PROFILES["full"].items():
         if number not in run.MODEL_PARAMETER:
             continue
         [book] = run.find_notebooks(number)
         key = run.MODEL_PARAMETER[number]
-        params = {**params, key: str(standin_dirs[family[params[key]]])}
+        params = {**params, key: str(standin_dirs[family[params[key]]]), "quick": True}
         cut = run.setup_only(book, tmp_path / "cut" / book.name)
         status, _, error = run.run_notebook(cut, tmp_path / "out" / book.name, params)
         assert status == "ok", f"{book.stem} with {params}: {error}"
