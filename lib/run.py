@@ -310,7 +310,8 @@ def run_notebook(path: Path, out: Path, parameters: dict, timeout: int | None = 
 def setup_only(path: Path, out: Path) -> Path:
     """Write to ``out`` a copy of the notebook at ``path`` cut after its setup: the cells up to and
     including the first code cell after the parameters cell (imports, parameter checks, the model
-    loaded).  Executed with a profile's parameters it shows in seconds whether a long run would start."""
+    loaded; some setups also harvest activations or train).  Executed with a profile's parameters it
+    shows, before a long run, whether that run would start."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
