@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch CPU threads per notebook (default 1, or OMP_NUM_THREADS when set): as make test")
     ap.add_argument("--list", action="store_true", help="list the notebooks and exit")
     ap.add_argument("--dry-run", action="store_true",
-                    help="check the parameters, then run each notebook only up to its setup cell (the model loaded): "
-                         "a real model's profile checked in seconds; nothing is written back")
+                    help="check the parameters, then run each notebook only up to its setup cell (the model loaded; "
+                         "some setups also harvest activations or train a first SAE); nothing is written back")
     args = ap.parse_args(argv)
 
     books = find_notebooks(args.only)
