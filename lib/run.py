@@ -292,8 +292,7 @@ def run_notebook(path: Path, out: Path, parameters: dict, timeout: int | None = 
         os.replace(executed, out)
         return "ok", time.perf_counter() - start, ""
     except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
-        text = str(err).strip()
-        message = f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
+        message = f"{type(err).__name__}: {_error_summary(str(err))}"
         if keep_failed is not None and executed.exists():
             keep_failed.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(executed), keep_failed)
@@ -305,6 +304,19 @@ def run_notebook(path: Path, out: Path, parameters: dict, timeout: int | None = 
             os.environ.pop("COMPENDIUM_QUIET", None)
         else:
             os.environ["COMPENDIUM_QUIET"] = env_before
+
+
+def _error_summary(text: str, limit: int = 400) -> str:
+    """The line of a papermill error that names the exception (``ValueError: ...``) and the lines of its
+    message after it (a multi-line message keeps its first line), cut to ``limit`` characters."""
+    import re
+
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    named = [i for i, line in enumerate(lines) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
+    if not named:
+        return lines[-1] if lines else ""
+    shown = " ".join(line.strip() for line in lines[named[-1]:])
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def setup_only(path: Path, out: Path) -> Path:

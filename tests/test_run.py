@@ -229,3 +229,13 @@ def test_full_profile_starts_on_the_stand_ins(standin_dirs, tmp_path, isolated_r
         cut = run.setup_only(book, tmp_path / "cut" / book.name)
         status, _, error = run.run_notebook(cut, tmp_path / "out" / book.name, params)
         assert status == "ok", f"{book.stem} with {params}: {error}"
+
+
+def test_a_failure_is_summarised_by_its_exception_and_whole_message():
+    """A multi-line error message (the offline model error is one) is shown from the exception's name on, not
+    only its last line."""
+    text = ("---------\nValueError   Traceback (most recent call last)\nCell In[3], line 2\n----> 2 load_model('x')\n"
+            "ModelNotFoundError: Model 'x' is not a toy-world model.\n  Toy models: toy-4l.\n  Pass a folder instead.")
+    assert run._error_summary(text) == "ModelNotFoundError: Model 'x' is not a toy-world model. Toy models: toy-4l. Pass a folder instead."
+    assert run._error_summary("no exception named here\nlast line") == "last line"
+    assert run._error_summary("RuntimeError: " + "x" * 1000).endswith("...")
