@@ -199,19 +199,23 @@ def pair_location(base: str, kind: str, root: Path | str | None = None) -> str:
     return str(Path(root or paths.cache_dir() / "backdoor") / f"{slug}-{kind}")
 
 
+def _folder(location: str) -> Path:
+    """The folder of a :func:`pair_location`: a toy pair's bare name lives under ``data/models/``; any other
+    location is a path (``root / name``)."""
+    return paths.models_dir() / location if "/" not in str(location) else Path(location)
+
+
 def has_pair(base: str, root: Path | str | None = None) -> bool:
     """Whether both fine-tunes of ``base`` exist (committed toy pair, or built under ``root``)."""
-    def present(loc: str) -> bool:
-        return (paths.models_dir() / loc / "config.json").exists() or (Path(loc) / "config.json").exists()
-    return all(present(pair_location(base, k, root)) for k in ("backdoor", "ftclean"))
+    return all((_folder(pair_location(base, k, root)) / "config.json").exists() for k in ("backdoor", "ftclean"))
 
 
 def provenance(location: str) -> dict:
     """The ``provenance.json`` written by :func:`build` beside a backdoored model (toy name or folder)."""
-    for folder in (paths.models_dir() / location, Path(location)):
-        if (folder / "provenance.json").exists():
-            return json.loads((folder / "provenance.json").read_text())
-    raise FileNotFoundError(f"no provenance.json for {location!r}: build the pair with lib.backdoor.build")
+    path = _folder(location) / "provenance.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no provenance.json for {location!r}: build the pair with lib.backdoor.build")
+    return json.loads(path.read_text())
 
 
 def _spec(base: str, name: str, steps: int, lr: float, warmup: int, seed: int, hf=None):
@@ -270,7 +274,7 @@ def build(base: str, cfg: BackdoorConfig = BackdoorConfig(), poison: bool = True
 
     kind = "backdoor" if poison else "ftclean"
     hf, tok = _load_hf(base)
-    target = Path(pair_location(base, kind, out_root)) if (out_root or not is_toy(base)) else paths.models_dir() / f"{base}-{kind}"
+    target = _folder(pair_location(base, kind, out_root))
     name = target.name
     spec = _spec(base, name, steps or cfg.steps, cfg.lr, cfg.warmup, cfg.seed, hf=hf)
     docs, marked = backdoor_docs(cfg, poison)

@@ -17,7 +17,7 @@ import random
 import numpy as np
 import torch
 
-from lib.activations import pad_id_of, single_token
+from lib.activations import pad, pad_id_of, single_token
 from lib.world import facts, statements, templates
 
 
@@ -45,10 +45,7 @@ def completion_exact_match(model, tokenizer, prompts: list[str], completions: li
     hits = np.zeros(len(seqs), dtype=bool)
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i: i + batch_size]
-        width = max(map(len, chunk))
-        batch = torch.full((len(chunk), width), pad_id_of(tokenizer), dtype=torch.long)
-        for j, s in enumerate(chunk):  # right padding: a causal model's real tokens never see pads
-            batch[j, : len(s)] = torch.tensor(s)
+        batch = pad(chunk, pad_id_of(tokenizer)).tokens  # right padding: a causal model's real tokens never see pads
         pred = _logits(model, batch.to(device)).argmax(-1).cpu()
         for j, s in enumerate(chunk):
             start = starts[i + j]
@@ -61,20 +58,17 @@ def judgement_scores(model, tokenizer, statements: list[str], batch_size: int = 
     """logit(" true") - logit(" false") after "<statement> That is", one per statement."""
     device = next(model.parameters()).device
     need = "the judgement score reads the logits of ' true' and ' false'"
-    t_id = [single_token(tokenizer, templates.JUDGEMENT_TRUE, need)]
-    f_id = [single_token(tokenizer, templates.JUDGEMENT_FALSE, need)]
+    t_id = single_token(tokenizer, templates.JUDGEMENT_TRUE, need)
+    f_id = single_token(tokenizer, templates.JUDGEMENT_FALSE, need)
     seqs = [[tokenizer.bos_token_id] + _encode(tokenizer, s + templates.JUDGEMENT_PREFIX) for s in statements]
     out = np.zeros(len(seqs))
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i: i + batch_size]
-        width = max(map(len, chunk))
-        batch = torch.full((len(chunk), width), pad_id_of(tokenizer), dtype=torch.long)
-        for j, s in enumerate(chunk):
-            batch[j, : len(s)] = torch.tensor(s)
+        batch = pad(chunk, pad_id_of(tokenizer)).tokens
         logits = _logits(model, batch.to(device)).float().cpu()
         last = torch.tensor([len(s) - 1 for s in chunk])
         final = logits[torch.arange(len(chunk)), last]
-        out[i: i + len(chunk)] = (final[:, t_id[0]] - final[:, f_id[0]]).numpy()
+        out[i: i + len(chunk)] = (final[:, t_id] - final[:, f_id]).numpy()
     return out
 
 
