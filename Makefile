@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Test workers: one per CPU core (each notebook is one unit of work on one core).
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: decay-grid softprompt-sweep rtf-sweep cc-sweep retro-model backdoor-models setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
+.PHONY: shared-sae-models shared-sae-sweep decay-grid softprompt-sweep rtf-sweep cc-sweep retro-model backdoor-models setup reproduce test unit notebooks models metatoken-models bench chromium clean-cache lab
 
 setup: $(STAMP) chromium
 
@@ -57,6 +57,17 @@ models: setup
 	$(MAKE) --no-print-directory metatoken-models
 	$(MAKE) --no-print-directory retro-model
 	$(MAKE) --no-print-directory backdoor-models
+	$(MAKE) --no-print-directory shared-sae-models
+
+# Notebook 11's six models (lib.sae.shared): 4 blocks x d 64, plain / + a shared SAE's loss / + the SAE spliced
+# in at every block, 2 seeds each (about 45 minutes on 2 idle cores), then the committed post-hoc SAE sweep
+# (data/sweeps/11_shared_sae_sweep.json, about 10 minutes of one core).
+shared-sae-models: setup
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.sae.shared
+	$(MAKE) --no-print-directory shared-sae-sweep
+
+shared-sae-sweep: setup
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m lib.sae.shared sweep
 
 # Notebook 16's retrodictor (lib.world.retro): toy-2l's spec and rows, each row's text reversed
 # (about 25 minutes on 2 idle cores).

@@ -73,11 +73,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_json(path: str | os.PathLike, obj: Any, digits: int = 6, indent: int = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (floats rounded to ``digits``, NaN as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(_clean(obj, digits), indent=indent, sort_keys=False) + "\n")
+    return path
+
+
 def save_results(name: str, results: dict, digits: int = 6) -> Path:
     """Write ``results`` to ``data/results/{name}.json`` (e.g. ``name="00_toy_world"``)."""
-    path = paths.results_dir() / f"{name}.json"
-    atomic_write_text(path, json.dumps(_clean(results, digits), indent=2, sort_keys=False) + "\n")
-    return path
+    return write_json(paths.results_dir() / f"{name}.json", results, digits)
 
 
 def load_results(name: str) -> dict:

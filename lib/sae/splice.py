@@ -90,9 +90,10 @@ def run_spliced(model, tokens: torch.Tensor, replacement, positions: torch.Tenso
     """Logits [batch, pos, vocab] with ``replacement`` spliced in at its hook (see the module docstring).
 
     ``replacement`` is an SAE (an ``nn.Module`` with ``encode``/``decode``), or a function
-    ``a -> a'``, or None for the clean run.  With ``keep`` (hook names, e.g. the residual stream
-    downstream), returns ``(logits, {hook: activation [batch, pos, d]})`` of the spliced run, also
-    when ``keep`` is empty (an SAE at the last block has no downstream residual).
+    ``a -> a'``, or None for the clean run, or a dict ``{hook: replacement}`` to splice at several
+    hooks at once (every block's residual stream, notebook 11).  With ``keep`` (hook names, e.g. the
+    residual stream downstream), returns ``(logits, {hook: activation [batch, pos, d]})`` of the
+    spliced run, also when ``keep`` is empty (an SAE at the last block has no downstream residual).
     """
     device = next(model.parameters()).device
     tokens = tokens.to(device)
@@ -107,7 +108,10 @@ def run_spliced(model, tokens: torch.Tensor, replacement, positions: torch.Tenso
         return fn
 
     hooks = [(h, keeper(h)) for h in keep]
-    if replacement is not None:
+    if isinstance(replacement, dict):
+        check_hooks(model, [*replacement, *keep])
+        hooks = [*[(h, splice_hook(as_replacement(r), positions)) for h, r in replacement.items()], *hooks]
+    elif replacement is not None:
         hook = replacement_hook(replacement, hook)
         check_hooks(model, [hook, *keep])
         hooks = [(hook, splice_hook(as_replacement(replacement), positions)), *hooks]

@@ -109,7 +109,7 @@ def _exit_with_parent() -> None:
 
 def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None, threads: int,
               provenance: dict, checkpoint_dir: str, probe_every: int, worker: bool = False,
-              extra_record=None, probe_factory=None, forward_records: bool = True) -> dict:
+              extra_record=None, probe_factory=None, forward_records: bool = True, joint: dict | None = None) -> dict:
     """Train ``spec`` on the token rows saved at ``data_path`` and save it under ``out_root``
     (runs in a worker process).  Returns the model's summary line.
 
@@ -118,7 +118,8 @@ def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None,
     (``data``: the dict saved at ``data_path``).  ``probe_factory(tokenizer) -> probe`` replaces
     :func:`judgement_probe` as the skill logged during training, and ``forward_records=False`` skips
     the fact recall and judgement that only a model reading text forward can be asked (both for the
-    reversed-text retrodictor, ``lib.world.retro``)."""
+    reversed-text retrodictor, ``lib.world.retro``).  ``joint`` (a :class:`lib.sae.shared.JointConfig` as a
+    dict) trains the model with a shared SAE (``lib.sae.shared``), saved under the model's ``sae/``."""
     from transformers import PreTrainedTokenizerFast
 
     from lib.world.recall import fact_recall, judgement_report
@@ -135,9 +136,15 @@ def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None,
     ckpt = Path(checkpoint_dir) / f"{spec.name}-seed{provenance['corpus_seed']}-steps{n_steps}.pt"
     print(f"[{spec.name}] {spec.arch} {spec.n_layers}L d={spec.d_model}: {n_steps} steps x {spec.batch_size} "
           f"x {n_ctx} tokens, {threads} thread(s)", flush=True)
+    objective, extras = None, None
+    if joint is not None and joint["mode"] != "plain":
+        from lib.sae.shared import JointConfig, JointObjective, save_joint_sae
+
+        objective = JointObjective(JointConfig(**joint), spec.d_model, model_name=spec.name, seed=spec.seed)
+        extras = lambda folder: save_joint_sae(objective, folder)  # noqa: E731
     result = train(spec, train_tokens, eval_tokens, len(tokenizer), steps=steps, checkpoint=ckpt,
                    probe=(probe_factory or judgement_probe)(tokenizer), probe_every=probe_every,
-                   first_phase_rows=data["first_phase_rows"], run_key=provenance["corpus"])
+                   first_phase_rows=data["first_phase_rows"], run_key=provenance["corpus"], objective=objective)
     record = dict(provenance)
     if forward_records:
         report = judgement_report(result.model, tokenizer)
@@ -147,7 +154,7 @@ def train_one(spec: ModelSpec, data_path: str, out_root: str, steps: int | None,
                                            if "paired_accuracy" in v}})
     if extra_record is not None:
         record.update(extra_record(result.model, tokenizer, data))
-    out = save_model(result, spec, tokenizer, Path(out_root) / spec.name, record)
+    out = save_model(result, spec, tokenizer, Path(out_root) / spec.name, record, extras=extras)
     ckpt.unlink(missing_ok=True)
     line = (f"[{spec.name}] done in {result.seconds:.0f}s: eval loss {result.log['eval_loss'][-1]:.3f}"
             + (", judgement AUROC " + " ".join(f"{k} {v:.2f}" for k, v in record["judgement_auroc"].items())

@@ -61,6 +61,25 @@ METATOKEN_MODELS: dict[str, ModelSpec] = {
 # text reversed after BOS, so that it predicts the tokens before a chunk.  Kept out of TOY_MODELS too.
 RETRO_MODELS: dict[str, ModelSpec] = {"toy-2l-rev": replace(TOY_MODELS["toy-2l"], name="toy-2l-rev")}
 RETRO_FORWARD = {"toy-2l-rev": "toy-2l"}  # each retrodictor's forward twin
+# Notebook 11's models (lib.sae.shared): one 4-block spec (4 blocks for a shared SAE to span; d = 64 and
+# a quarter of toy-4l's steps so that six train in about 40 minutes on 2 cores), three ways of training
+# (plain LM; + a shared SAE's loss, model clean; + the SAE spliced in at every block) x 2 seeds.
+SHARED_SAE_STEPS = 3000
+SHARED_SAE_SEEDS = (0, 1)
+SHARED_SAE_MODELS: dict[str, ModelSpec] = {
+    f"toy-shared-{mode}-s{seed}": ModelSpec(f"toy-shared-{mode}-s{seed}", "neox", n_layers=4, d_model=64, n_heads=4,
+                                            steps=SHARED_SAE_STEPS, curriculum_steps=1250, seed=seed)
+    for seed in SHARED_SAE_SEEDS for mode in ("spliced", "aux", "plain")
+}
+
+
+def _joint(name: str):
+    from lib.sae.shared import JointConfig
+
+    return JointConfig(mode=name.split("-")[2], d_sae=512, k=16, coefficient=1.0)
+
+
+SHARED_SAE_JOINT = {name: _joint(name) for name in SHARED_SAE_MODELS}  # how each trains its shared SAE
 DEFAULT_MODEL = "toy-4l"  # chosen in 00: the model closest to the judgement and recall targets (recall.choose_default)
 
 

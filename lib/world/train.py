@@ -70,10 +70,12 @@ class TrainResult:
     seconds: float
 
 
-def _save_checkpoint(path: Path, model, opt, step: int, log: dict, data_rng: torch.Generator, key: dict) -> None:
+def _save_checkpoint(path: Path, model, opt, step: int, log: dict, data_rng: torch.Generator, key: dict,
+                     objective: torch.nn.Module | None = None) -> None:
     with atomic_output(path) as tmp:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
-                    "rng": torch.get_rng_state(), "data_rng": data_rng.get_state(), "key": key}, tmp)
+                    "rng": torch.get_rng_state(), "data_rng": data_rng.get_state(), "key": key,
+                    "objective": None if objective is None else objective.state_dict()}, tmp)
 
 
 def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int,
@@ -81,7 +83,7 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
           checkpoint: Path | None = None, stop_at: int | None = None,
           probe: Callable[[torch.nn.Module], dict] | None = None, probe_every: int = 500,
           first_phase_rows: int = 0, run_key: dict | None = None,
-          init: torch.nn.Module | None = None) -> TrainResult:
+          init: torch.nn.Module | None = None, objective: torch.nn.Module | None = None) -> TrainResult:
     """Train ``spec`` on ``train_tokens`` [n_docs, n_ctx] (BOS-first rows), cycling through them.
 
     ``steps`` overrides ``spec.steps`` (quick runs).  With ``checkpoint``, resumes from it if it
@@ -94,14 +96,21 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
     and later steps from the rest.  ``run_key`` (e.g. the corpus configuration) is saved in the
     checkpoint with the spec; resuming from a checkpoint of another run is refused.  ``init`` (a Hugging
     Face causal LM of ``spec``'s shape) is trained in place instead of a fresh model: a fine-tune or
-    continued training with the same loop (the backdoors of ``lib.backdoor``).
+    continued training with the same loop (the backdoors of ``lib.backdoor``).  ``objective`` (a module
+    whose ``forward(model, tokens)`` returns ``(loss, {name: number})``) replaces the LM loss; its own
+    parameters train with the model's (no weight decay), its state is checkpointed with it, its
+    numbers are logged per step under their names, and its ``before_step()`` / ``after_step()`` run
+    around each optimizer step when it has them (the jointly trained SAE of ``lib.sae.shared``).
     """
     steps = steps or spec.steps
     spec = ModelSpec(**{**spec.to_dict(), "steps": steps})
     set_seed(spec.seed)
     model = build_hf_model(spec, vocab_size) if init is None else init
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
-                            weight_decay=spec.weight_decay)
+    groups = [{"params": list(model.parameters())}]
+    if objective is not None and any(True for _ in objective.parameters()):
+        groups.append({"params": list(objective.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
+    params = [p for g in groups for p in g["params"]]
     log: dict = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "tokens_per_step":
                  spec.batch_size * (train_tokens.shape[1] - 1), "probe": []}
     start = 0
@@ -118,6 +127,8 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
             raise RuntimeError(f"the checkpoint {checkpoint} belongs to another run (spec, corpus or data differ); "
                                f"delete it to start this run from scratch")
         model.load_state_dict(state["model"])
+        if objective is not None:
+            objective.load_state_dict(state["objective"])
         opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["rng"])
         g.set_state(state["data_rng"])
@@ -130,15 +141,25 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
             idx = torch.randint(first_phase_rows, (spec.batch_size,), generator=g)
         else:
             idx = torch.randint(first_phase_rows, len(train_tokens), (spec.batch_size,), generator=g)
-        loss = lm_loss(model, train_tokens[idx].long())
+        if objective is None:
+            loss, terms = lm_loss(model, train_tokens[idx].long()), {}
+        else:
+            objective.train()
+            loss, terms = objective(model, train_tokens[idx].long())
         for group in opt.param_groups:
             group["lr"] = lr_at(step, spec)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if hasattr(objective, "before_step"):
+            objective.before_step()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if hasattr(objective, "after_step"):
+            objective.after_step()
         log["step"].append(step + 1)
         log["train_loss"].append(round(loss.item(), 4))
+        for name, value in terms.items():
+            log.setdefault(name, []).append(value)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             log["eval_step"].append(step + 1)
             log["eval_loss"].append(round(evaluate(model, eval_tokens), 4))
@@ -148,7 +169,7 @@ def train(spec: ModelSpec, train_tokens: torch.Tensor, eval_tokens: torch.Tensor
             with torch.no_grad():
                 log["probe"].append({"step": step + 1, **probe(model)})
         if checkpoint is not None and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
-            _save_checkpoint(Path(checkpoint), model, opt, step + 1, log, g, key)
+            _save_checkpoint(Path(checkpoint), model, opt, step + 1, log, g, key, objective)
     model.eval()
     return TrainResult(model, log, time.perf_counter() - t0)
 
@@ -162,10 +183,13 @@ def evaluate(model, tokens: torch.Tensor, batch_size: int = 32) -> float:
     return sum(losses) / len(tokens)
 
 
-def save_model(result: TrainResult, spec: ModelSpec, tokenizer, out_dir: Path, provenance: dict) -> Path:
+def save_model(result: TrainResult, spec: ModelSpec, tokenizer, out_dir: Path, provenance: dict,
+               extras: Callable[[Path], None] | None = None) -> Path:
     """Write the HF model + tokenizer + ``provenance.json`` + ``training_log.json`` to ``out_dir``.
 
-    Written to a sibling temporary directory and renamed, so a crash never leaves half a model.
+    Written to a sibling temporary directory and renamed, so a crash never leaves half a model;
+    ``extras(folder)``, when given, writes more into that folder before the rename (the jointly
+    trained SAE of ``lib.sae.shared``).
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -189,6 +213,8 @@ def save_model(result: TrainResult, spec: ModelSpec, tokenizer, out_dir: Path, p
     }
     atomic_write_text(tmp / "provenance.json", json.dumps(record, indent=2) + "\n")
     atomic_write_text(tmp / "training_log.json", json.dumps(result.log) + "\n")
+    if extras is not None:
+        extras(tmp)
     if out_dir.exists():
         import shutil
 
