@@ -71,8 +71,8 @@ PROFILES: dict[str, dict[str, dict]] = {
 
 # The parameter that names the model, in each notebook that runs on any causal LM (a toy name, a local
 # Hugging Face folder or a hub name).  Not here: 00 (builds the toy world), 07, 10 and 17 (train their own
-# small networks), 15 and 16 (they need models trained for them: a pair conditioned on meta-tokens, a
-# retrodictor of the forward model; see the README's "A real model on a GPU").
+# small networks), 11, 15 and 16 (they need models trained for them: LMs pretrained with a shared SAE, a pair
+# conditioned on meta-tokens, a retrodictor of the forward model; see the README's "A real model on a GPU").
 MODEL_PARAMETER: dict[str, str] = {"01": "model", "02": "model", "03": "model", "04": "model", "05": "model",
                                    "06": "model", "08": "model", "09": "model_name", "12": "model", "13": "model",
                                    "14": "model"}

@@ -21,6 +21,8 @@ Modules (one job each, dictionary_learning style):
 - ``shrinkage``: relative reconstruction bias gamma, closed forms and a numeric argmin.
 - ``ito``: inference-time optimization (gradient / matching pursuit) for a fixed decoder.
 - ``attribution``: exact patching, attribution patching and integrated gradients over latents.
+- ``shared``: notebook 11: one SAE shared by every block trained with the LM (``JointObjective``), post-hoc
+  per-block and multi-layer SAEs, splicing at every block, where latents fire across blocks.
 - ``e2e``: notebook 08's protocol: local vs end-to-end SAEs along their L0-vs-CE-increase curves
   (``run_one``, ``matched``, ``across_seeds``) and the sharded sweep behind it (``python -m lib.sae.e2e``).
 """

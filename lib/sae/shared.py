@@ -22,6 +22,7 @@ is fixed, nothing to retune as the model moves) with AuxK on latents that have n
 
     python -m lib.sae.shared                       # the six models (3 modes x 2 seeds): `make shared-sae-models`
     python -m lib.sae.shared --steps 20 --n-docs 64 --out /tmp/shared   # a smoke run elsewhere
+    python -m lib.sae.shared sweep                 # notebook 11's post-hoc SAE sweep (data/sweeps/): `make shared-sae-sweep`
 
 The models are Hugging Face GPT-NeoX folders with the jointly trained SAE under ``sae/`` (SAELens
 format, ``lib.sae.io``); loaded without it, a model runs clean.
@@ -415,18 +416,33 @@ def sweep_model(data, mode: str, cfg: SweepConfig, joint_sae=None, sizes: Sequen
     return rows
 
 
-def sweep(models: dict[str, str], cfg: SweepConfig, out: Path | None = None, folders: dict[str, str] | None = None) -> dict:
+def _sweep_one(name: str, mode: str, where: str, cfg: dict, threads: int | None = None) -> list[dict]:
+    """:func:`sweep_model` on one model (a module-level function: it runs in a worker process)."""
+    if threads:
+        torch.set_num_threads(threads)
+    data = model_data(where, cfg["n_train_docs"], cfg["n_eval_docs"], name=name)
+    joint = load_joint_sae(where) if mode != "plain" else None
+    return sweep_model(data, mode, SweepConfig(**cfg), joint)
+
+
+def sweep(models: dict[str, str], cfg: SweepConfig, out: Path | None = None, folders: dict[str, str] | None = None,
+          jobs: int = 1) -> dict:
     """:func:`sweep_model` over ``models`` (name -> mode; ``folders`` name -> model folder when they
-    are not under ``data/models``), written to ``out`` (default :data:`SWEEP_FILE`): ``{"config", "rows"}``."""
+    are not under ``data/models``) in ``jobs`` processes of one thread each, written to ``out``
+    (default :data:`SWEEP_FILE`): ``{"config", "rows"}``; the rows do not depend on ``jobs``."""
     from lib.results import write_json
     from lib.utils import progress
 
-    rows = []
-    for name, mode in progress(models.items(), desc="models", total=len(models)):
-        where = (folders or {}).get(name, name)
-        data = model_data(where, cfg.n_train_docs, cfg.n_eval_docs, name=name)
-        joint = load_joint_sae(where) if mode != "plain" else None
-        rows += sweep_model(data, mode, cfg, joint)
+    args = [(name, mode, (folders or {}).get(name, name), cfg.to_dict()) for name, mode in models.items()]
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            parts = list(pool.map(_sweep_one, *zip(*args), [1] * len(args)))
+    else:
+        parts = [_sweep_one(*a) for a in progress(args, desc="models", total=len(args))]
+    rows = [r for part in parts for r in part]
     result = {"config": cfg.to_dict(), "corpus_seed": CORPUS_SEED, "models": models, "rows": rows,
               "command": "python -m lib.sae.shared sweep", "torch": torch.__version__}
     write_json(out or paths.REPO_ROOT / SWEEP_FILE, result, indent=1)
@@ -438,8 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["sweep"]:
         from lib.world.registry import SHARED_SAE_JOINT
 
+        sp = argparse.ArgumentParser(prog="python -m lib.sae.shared sweep", description="notebook 11's post-hoc SAE sweep")
+        sp.add_argument("--jobs", type=int, default=2, help="models measured at once, one single-threaded process each")
+        sp.add_argument("--out", type=Path, default=None, help=f"output file (default {SWEEP_FILE})")
+        sargs = sp.parse_args(argv[1:])
         torch.set_num_threads(1)
-        sweep({name: joint.mode for name, joint in SHARED_SAE_JOINT.items()}, SweepConfig())
+        sweep({name: joint.mode for name, joint in SHARED_SAE_JOINT.items()}, SweepConfig(), out=sargs.out, jobs=sargs.jobs)
         return 0
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
